@@ -1,0 +1,47 @@
+"""The Denoiser protocol: ``model(x_t, t, cond) -> Tensor`` with ``.path`` and ``.prediction``.
+
+``t`` is a float tensor of shape ``[batch]`` holding the continuous time in [0, 1] (t = 1 noise);
+``cond`` is passed through, concatenated along the batch when branches are batched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from .paths import Path, get_path
+from .prediction import check_kind
+
+__all__ = ["Denoiser", "FunctionDenoiser", "denoiser"]
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    path: Path
+    prediction: str
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor: ...
+
+
+class FunctionDenoiser:
+    """A plain function ``fn(x, t, cond)`` made into a Denoiser."""
+
+    def __init__(self, fn: Callable, path: "str | Path", prediction: str, sample_shape=None):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.path = get_path(path)
+        self.prediction = check_kind(prediction)
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
+
+    def __call__(self, x, t, cond):
+        return self.fn(x, t, cond)
+
+    def __repr__(self) -> str:
+        return f"denoiser({getattr(self.fn, '__name__', 'fn')}, path={self.path.name!r}, prediction={self.prediction!r})"
+
+
+def denoiser(fn: Callable, path: "str | Path", prediction: str, sample_shape=None) -> FunctionDenoiser:
+    """Wrap ``fn(x, t, cond) -> prediction`` as a Denoiser on ``path`` predicting ``prediction``."""
+    return FunctionDenoiser(fn, path, prediction, sample_shape)

@@ -1,0 +1,157 @@
+"""The sampling loop: plan branches → one batched evaluation → combine → solver step → callbacks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import cond as condlib
+from .guidance import Guidance, parse as parse_guidance
+from .prediction import to_x0
+from .solvers import Denoised, Solver, get_solver
+
+__all__ = ["sample", "SampleResult", "StepInfo", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The model returned NaN or inf."""
+
+
+@dataclass
+class StepInfo:
+    step: int
+    t: float
+    sigma: float  # σ̄ = σ/α at the start of the step
+    x: torch.Tensor  # the state after the step
+    nfe: int
+
+
+@dataclass
+class SampleResult:
+    x: torch.Tensor
+    nfe: int  # network evaluations per sample (a CFG step counts 2)
+    forward_passes: int  # batched model calls
+    timesteps: torch.Tensor
+    trajectory: list = field(default_factory=list)
+
+
+def _grid(model, steps, timesteps) -> torch.Tensor:
+    if timesteps is None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        return model.path.default_grid(steps)
+    grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    if len(grid) < 2:
+        raise ValueError(f"timesteps needs at least 2 values (start … end), got {len(grid)}")
+    if not torch.all(grid[1:] < grid[:-1]):
+        raise ValueError("timesteps must be strictly decreasing t values from noise (t near 1) to data (t near 0)")
+    if grid[0] > 1 or grid[-1] < 0:
+        raise ValueError(f"timesteps must lie in [0, 1], got {grid[0]:.4g} … {grid[-1]:.4g}")
+    return grid
+
+
+def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, guidance=None,
+           solver: "str | Solver" = "dpmpp_2m", steps: int = 25, timesteps=None, seed: int | None = None,
+           progress: bool = False, callback: Callable[[StepInfo], None] | None = None, shape=None,
+           return_info: bool = False, keep_trajectory: bool = False):
+    """Sample from ``model`` (a Denoiser) with optional guidance.
+
+    ``noise`` is a standard normal draw (batch first); the loop starts from ``x = sqrt(α² + σ²)·noise`` at the
+    first grid time (diffusers' ``init_noise_sigma``: 1 for VP and flow at t = 1, ``sqrt(σ_max² + 1)`` for EDM).
+    Without ``noise``, it is drawn from ``seed`` with ``shape`` (default: the batch of ``cond`` times
+    ``model.sample_shape``). ``timesteps`` is an explicit decreasing list of t values that overrides ``steps``;
+    the result is the solver state at the last one. ``guidance`` is ``None`` (the conditional model alone), a
+    spec string such as ``"cfg(scale=4)"`` or a guidance object; ``uncond`` is the unconditional (or
+    negative) conditioning, default ``model.null_cond(cond)`` where the model has one.
+
+    Returns the sample, or a ``SampleResult`` with NFE counts when ``return_info=True``.
+    """
+    path = model.path
+    solver = get_solver(solver)
+    guide: Guidance | None = parse_guidance(guidance)
+    grid = _grid(model, steps, timesteps)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=noise.device if noise is not None else "cpu").manual_seed(int(seed))
+
+    if noise is None:
+        if shape is None:
+            item = getattr(model, "sample_shape", None)
+            n = condlib.batch_size(cond)
+            if item is None or n is None:
+                raise ValueError("pass noise=, or shape= (or a cond with a batch and a model with sample_shape)")
+            shape = (n, *item)
+        noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    batch = noise.shape[0]
+    n_cond = condlib.batch_size(cond)
+    if n_cond is not None and n_cond not in (1, batch):
+        raise ValueError(f"cond has batch {n_cond} but noise has batch {batch}; they must match (or cond batch 1)")
+    cond = condlib.expand(cond, batch)
+    if guide is not None and uncond is None:
+        if not hasattr(model, "null_cond"):
+            raise ValueError(f"{guide!r} needs an unconditional branch: pass uncond= (this model has no null_cond)")
+        uncond = model.null_cond(cond, batch)
+    uncond = condlib.expand(uncond, batch)
+    if guide is not None:
+        guide.reset()
+
+    def randn(like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
+
+    state = {"nfe": 0, "passes": 0, "step": 0}
+    branch_cond = {"cond": cond, "uncond": uncond}
+
+    def denoise(x: torch.Tensor, t: float) -> Denoised:
+        tt = torch.tensor(t, dtype=torch.float64)
+        sigma = float(path.sigma_ve(tt))
+        names = guide.branches(sigma) if guide is not None else ("cond",)
+        k = len(names)
+        xb = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
+        tb = torch.full((batch * k,), t, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+        cb = branch_cond[names[0]] if k == 1 else condlib.cat([branch_cond[n] for n in names])
+        out = model(xb, tb, cb)
+        state["nfe"] += k
+        state["passes"] += 1
+        if out.shape != xb.shape:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
+        x0 = to_x0(out, model.prediction, xb, t, path)
+        if guide is None:
+            return Denoised(x0)
+        res = guide.combine(dict(zip(names, x0.chunk(k))), sigma)
+        return res if isinstance(res, Denoised) else Denoised(res)
+
+    p0 = grid[0]
+    x = noise * float(torch.sqrt(path.alpha(p0) ** 2 + path.sigma(p0) ** 2))
+    solver.start(path, grid)
+    traj = [x] if keep_trajectory else []
+    n_steps = len(grid) - 1
+    bar = _progress(n_steps) if progress else None
+    try:
+        for i in range(n_steps):
+            state["step"] = i
+            x = solver.step(i, x, denoise, randn)
+            if keep_trajectory:
+                traj.append(x)
+            if callback is not None:
+                callback(StepInfo(i, float(grid[i]), float(path.sigma_ve(grid[i])), x, state["nfe"]))
+            if bar is not None:
+                bar[0].update(bar[1], advance=1)
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    if not return_info:
+        return x
+    return SampleResult(x, state["nfe"], state["passes"], grid, traj)
+
+
+def _progress(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    prog.start()
+    return prog, prog.add_task("sampling", total=total)

@@ -1,0 +1,1 @@
+"""Testbeds: exact Gaussian mixtures (``gmm``)."""
