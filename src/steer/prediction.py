@@ -23,49 +23,55 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def _coefs(path: Path, t, x: torch.Tensor, need_derivs: bool = False):
+def _coefs(path: Path, t, x: torch.Tensor):
+    """(α, σ, α̇, σ̇) at t, shaped to broadcast against x (float64 math, cast to x's dtype)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     shape = (-1,) + (1,) * (x.ndim - 1)
-    cast = lambda c: c.to(device=x.device, dtype=x.dtype).reshape(shape)  # noqa: E731
-    a, s = path.alpha(t), path.sigma(t)
-    if need_derivs:
-        da, ds = path.d_alpha(t), path.d_sigma(t)
-        return cast(a), cast(s), cast(da), cast(ds), cast(ds * a - s * da)
-    return cast(a), cast(s), cast(a * a + s * s)
+    return tuple(c.to(device=x.device, dtype=x.dtype).reshape(shape)
+                 for c in (path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t)))
 
 
-def to_x0(y: torch.Tensor, kind: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:
+def _x0(y, kind, x, a, s, da=None, ds=None):
+    """x̂0 from a prediction given the path coefficients at the point (floats or broadcastable tensors)."""
     if kind == "x0":
         return y
-    if kind == "flow":
-        a, s, da, ds, det = _coefs(path, t, x, True)
-        return (ds * x - s * y) / det
-    a, s, n = _coefs(path, t, x)
     if kind == "eps":
         return (x - s * y) / a
     if kind == "v":
-        return (a * x - s * y) / n
+        return (a * x - s * y) / (a * a + s * s)
+    if kind == "flow":
+        return (ds * x - s * y) / (ds * a - s * da)
     if kind == "score":
         return (x + s * s * y) / a
     raise ValueError(check_kind(kind))
 
 
-def to_eps(y: torch.Tensor, kind: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:
+def _eps(y, kind, x, a, s, da=None, ds=None):
     if kind == "eps":
         return y
-    if kind == "flow":
-        a, s, da, ds, det = _coefs(path, t, x, True)
-        return (a * y - da * x) / det
-    a, s, n = _coefs(path, t, x)
     if kind == "x0":
         return (x - a * y) / s
     if kind == "v":
-        return (s * x + a * y) / n
+        return (s * x + a * y) / (a * a + s * s)
+    if kind == "flow":
+        return (a * y - da * x) / (ds * a - s * da)
     if kind == "score":
         return -s * y
     raise ValueError(check_kind(kind))
+
+
+def to_x0(y: torch.Tensor, kind: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:
+    if kind == "x0":
+        return y
+    return _x0(y, kind, x, *_coefs(path, t, x))
+
+
+def to_eps(y: torch.Tensor, kind: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:
+    if kind == "eps":
+        return y
+    return _eps(y, kind, x, *_coefs(path, t, x))
 
 
 def convert(y: torch.Tensor, src: str, dst: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:
@@ -73,16 +79,13 @@ def convert(y: torch.Tensor, src: str, dst: str, x: torch.Tensor, t, path: Path)
     check_kind(src), check_kind(dst)
     if src == dst:
         return y
+    a, s, da, ds = _coefs(path, t, x)
     if dst == "x0":
-        return to_x0(y, src, x, t, path)
+        return _x0(y, src, x, a, s, da, ds)
+    eps = _eps(y, src, x, a, s, da, ds)
     if dst == "eps":
-        return to_eps(y, src, x, t, path)
+        return eps
     if dst == "score":
-        a, s, _ = _coefs(path, t, x)
-        return -to_eps(y, src, x, t, path) / s
-    x0, eps = to_x0(y, src, x, t, path), to_eps(y, src, x, t, path)
-    if dst == "v":
-        a, s, _ = _coefs(path, t, x)
-        return a * eps - s * x0
-    a, s, da, ds, _ = _coefs(path, t, x, True)
-    return da * x0 + ds * eps
+        return -eps / s
+    x0 = _x0(y, src, x, a, s, da, ds)
+    return a * eps - s * x0 if dst == "v" else da * x0 + ds * eps

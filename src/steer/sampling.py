@@ -10,7 +10,7 @@ import torch
 
 from . import cond as condlib
 from .guidance import Guidance, parse as parse_guidance
-from .prediction import to_x0
+from .prediction import _x0
 from .solvers import Denoised, Solver, get_solver
 
 __all__ = ["sample", "SampleResult", "StepInfo", "NonFiniteError"]
@@ -104,13 +104,27 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
     state = {"nfe": 0, "passes": 0, "step": 0}
     branch_cond = {"cond": cond, "uncond": uncond}
 
+    coefs: dict[float, tuple] = {}  # t -> (α, σ, σ̄, α̇, σ̇) as floats; the grid's filled in one call
+    for t, a, s, da, ds in zip(grid.tolist(), *(f(grid).tolist() for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))):
+        if a > 0 or model.prediction not in ("eps", "score"):
+            coefs[t] = (a, s, s / a if a else math.inf, da, ds)
+
+    def at(t: float) -> tuple:
+        if t not in coefs:
+            tt = torch.tensor(t, dtype=torch.float64)
+            a, s = float(path.alpha(tt)), float(path.sigma(tt))
+            if a == 0 and model.prediction in ("eps", "score"):
+                raise NonFiniteError(f"cannot recover x0 from a {model.prediction!r} prediction at t={t:.6g} where "
+                                     "alpha = 0: start the grid below t=1 or use a model predicting flow, v or x0")
+            coefs[t] = (a, s, s / a if a else math.inf, float(path.d_alpha(tt)), float(path.d_sigma(tt)))
+        return coefs[t]
+
     def denoise(x: torch.Tensor, t: float) -> Denoised:
-        tt = torch.tensor(t, dtype=torch.float64)
-        sigma = float(path.sigma_ve(tt))
+        a, s, sigma, da, ds = at(t)
         names = guide.branches(sigma) if guide is not None else ("cond",)
         k = len(names)
         xb = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
-        tb = torch.full((batch * k,), t, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+        tb = torch.full((batch * k,), t, dtype=x.dtype, device=x.device)
         cb = branch_cond[names[0]] if k == 1 else condlib.cat([branch_cond[n] for n in names])
         out = model(xb, tb, cb)
         state["nfe"] += k
@@ -119,7 +133,7 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
         if not torch.isfinite(out).all():
             raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
-        x0 = to_x0(out, model.prediction, xb, t, path)
+        x0 = _x0(out, model.prediction, xb, a, s, da, ds)
         if guide is None:
             return Denoised(x0)
         res = guide.combine(dict(zip(names, x0.chunk(k))), sigma)

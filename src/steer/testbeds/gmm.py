@@ -91,7 +91,9 @@ class GaussianMixture:
 
     def log_marginal(self, x, alpha, sigma, labels=None) -> torch.Tensor:
         """``log p_t(x | c)`` (or ``log p_t(x)`` for the null label / None)."""
-        return torch.logsumexp(self._terms(x, alpha, sigma, labels)[3], dim=1)
+        logw = self._terms(x, alpha, sigma, labels)[3]
+        prior = torch.logsumexp(self.log_weights[None] + self._mask(labels, logw.shape[0]), dim=1)
+        return torch.logsumexp(logw, dim=1) - prior
 
     def classifier_log_probs(self, x, t, path: "str | Path") -> torch.Tensor:
         """Exact ``log p(c | x_t)`` for every class, shape [B, n_classes]."""

@@ -1,0 +1,1 @@
+"""Bridges between steer and other libraries (optional dependencies are imported lazily)."""
