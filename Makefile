@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/steer sample --model gmm --path flow --compare-solvers
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/solvers.py

@@ -57,7 +57,8 @@ def test_exact_samples_match_mixture_moments():
     assert torch.allclose(torch.cov(x.T), cov, atol=0.05)
 
 
-@pytest.mark.parametrize("path,t0,t1", [("flow", 1.0, 0.01), ("vp-linear", 1.0, 0.01), ("edm", 1.0, 1e-4)])
+@pytest.mark.parametrize("path,t0,t1", [("flow", 1.0, 0.01), ("vp-linear", 1.0, 0.01), ("edm", 1.0, 1e-4),
+                                       ("flow", 1.0, 0.0), ("vp-cosine", 0.9, 0.0)])
 def test_reference_ode_matches_closed_form(path, t0, t1):
     g = gmm.GaussianMixture([[0.5, -1.0, 2.0]], stds=[0.7])
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -14,6 +14,7 @@ history; ``start`` resets it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -620,13 +621,18 @@ class Restart(Solver):
 
     def start(self, path, grid):
         super().start(path, grid)
-        sves = np.array([pt.sve for pt in self.pts])
+        inner = [j for j in range(1, len(self.pts)) if 0 < self.pts[j].sve < math.inf]
         self.at = {}
         for n, k, lo, hi in self.intervals:
-            j = int(np.argmin(np.abs(sves[1:] - lo))) + 1  # snap to a grid point after the first
-            if self.pts[j].s > 0:
-                sub = points(path, karras(path, n - 1, sigma_min=self.pts[j].sve, sigma_max=hi, append_zero=False))
-                self.at.setdefault(j, []).append((k, sub))
+            if not inner:
+                break
+            j = min(inner, key=lambda j: abs(self.pts[j].sve - lo))  # snap σ̄_min to the main grid (σ > 0)
+            if self.pts[j].sve >= hi:
+                warnings.warn(f"restart interval {(n, k, lo, hi)} skipped: the grid's nearest sigma to {lo} is "
+                              f"{self.pts[j].sve:.4g} >= sigma_max {hi}; use more steps or a Karras grid")
+                continue
+            sub = points(path, karras(path, n - 1, sigma_min=self.pts[j].sve, sigma_max=hi, append_zero=False))
+            self.at.setdefault(j, []).append((k, sub))
 
     def step(self, i, x, denoise, noise):
         x = heun_step(self.path, x, denoise, self.pts[i], self.pts[i + 1])

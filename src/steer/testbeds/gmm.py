@@ -132,6 +132,9 @@ class GaussianMixture:
         a0, s0 = float(path.alpha(t_start)), float(path.sigma(t_start))
         a1, s1 = float(path.alpha(t_end)), float(path.sigma(t_end))
         th0, th1 = math.atan2(s0, a0), math.atan2(s1, a1)
+        to_data = s1 == 0  # integrate to σ̄ = 1e-7, then x(0) = x̂0 there (error O(σ̄²))
+        if to_data:
+            th1 = 1e-7
         y0 = (x.reshape(B, -1).double().cpu() / math.hypot(a0, s0)).numpy().ravel()
 
         def f(th, y):
@@ -143,7 +146,10 @@ class GaussianMixture:
         sol = solve_ivp(f, (th0, th1), y0, method="DOP853", rtol=rtol, atol=atol)
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
-        y1 = torch.from_numpy(sol.y[:, -1]).reshape(B, self.dim) * math.hypot(a1, s1)
+        y1 = torch.from_numpy(sol.y[:, -1]).reshape(B, self.dim)
+        if to_data:
+            return (a1 * self.posterior_mean(y1, math.cos(th1), math.sin(th1), labels)).reshape(shape).to(dtype)
+        y1 = y1 * math.hypot(a1, s1)
         return y1.reshape(shape).to(dtype)
 
 
