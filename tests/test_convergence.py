@@ -53,7 +53,7 @@ EXPECTED = {  # solver: (lowest, highest) accepted order at the finest halving
     "midpoint": (1.85, 2.3),
     "dpmpp_2m": (1.85, 2.3),
     "deis": (1.8, 2.3),
-    "unipc": (1.8, 3.3),  # UniC lifts UniP-2 towards 3 before the first-order first step caps it at 2
+    "unipc": (2.6, 3.3),  # UniC-p lifts UniP-p to order p + 1, and its correction of x_1 repairs the first-order start
     "dpmpp_3m": (2.8, 3.5),
 }
 
