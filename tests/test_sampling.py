@@ -197,3 +197,20 @@ def test_momentum_2m_by_hand():
     noise = torch.full((1, 1), 0.3 / math.hypot(a[0], s[0]), dtype=torch.float64)
     got = steer.sample(den, noise=noise, solver=f"dpmpp_2m(momentum={beta})", timesteps=ts)
     assert float(got) == pytest.approx(x, rel=1e-10)
+
+
+def test_dict_conditions_are_concatenated_per_branch():
+    seen = []
+
+    def fn(x, t, cond):
+        seen.append({k: v.clone() for k, v in cond.items()})
+        return torch.zeros_like(x) + cond["emb"][:, :1]
+
+    den = steer.denoiser(fn, "flow", "x0")
+    cond = {"emb": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "mask": torch.tensor([[1], [0]])}
+    uncond = {"emb": torch.zeros(1, 2), "mask": torch.zeros(1, 1, dtype=torch.long)}  # batch 1 broadcasts
+    x = steer.sample(den, noise=torch.zeros(2, 1), cond=cond, uncond=uncond, guidance="cfg(scale=3)",
+                     solver="euler", timesteps=[1.0, 0.0])
+    assert seen[0]["emb"].tolist() == [[1.0, 2.0], [3.0, 4.0], [0.0, 0.0], [0.0, 0.0]]
+    assert seen[0]["mask"].tolist() == [[1], [0], [0], [0]]
+    assert x.flatten().tolist() == [3.0, 9.0]  # 0 + 3·(c − 0) with x0 = c at t = 0
