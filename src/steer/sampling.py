@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from . import cond as condlib
-from .guidance import Guidance, parse as parse_guidance
+from .guidance import Ctx, Guidance, parse as parse_guidance
 from .prediction import _x0
 from .solvers import Denoised, Solver, get_solver
 
@@ -53,7 +53,7 @@ def _grid(model, steps, timesteps) -> torch.Tensor:
     return grid
 
 
-def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, guidance=None,
+def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, guidance=None, negative=None,
            solver: "str | Solver" = "dpmpp_2m", steps: int = 25, timesteps=None, seed: int | None = None,
            progress: bool = False, callback: Callable[[StepInfo], None] | None = None, shape=None,
            return_info: bool = False, keep_trajectory: bool = False):
@@ -65,7 +65,8 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
     ``model.sample_shape``). ``timesteps`` is an explicit decreasing list of t values that overrides ``steps``;
     the result is the solver state at the last one. ``guidance`` is ``None`` (the conditional model alone), a
     spec string such as ``"cfg(scale=4)"`` or a guidance object; ``uncond`` is the unconditional (or
-    negative) conditioning, default ``model.null_cond(cond)`` where the model has one.
+    negative) conditioning, default ``model.null_cond(cond)`` where the model has one; ``negative`` is a separate
+    negative conditioning for methods that use three branches (``perp_neg``).
 
     Returns the sample, or a ``SampleResult`` with NFE counts when ``return_info=True``.
     """
@@ -97,13 +98,15 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
     uncond = condlib.expand(uncond, batch)
     if guide is not None:
         guide.reset()
+        if guide.needs_renoise and not solver.supports_renoise:
+            raise ValueError(f"{guide!r} re-noises with its own estimate, which solver {solver.name!r} cannot use; "
+                             "use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
 
     def randn(like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
 
     state = {"nfe": 0, "passes": 0, "step": 0}
-    branch_cond = {"cond": cond, "uncond": uncond}
-
+    branch_cond = {"cond": cond, "uncond": uncond, "negative": condlib.expand(negative, batch)}
     coefs: dict[float, tuple] = {}  # t -> (α, σ, σ̄, α̇, σ̇) as floats; the grid's filled in one call
     for t, a, s, da, ds in zip(grid.tolist(), *(f(grid).tolist() for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))):
         if a > 0 or model.prediction not in ("eps", "score"):
@@ -119,12 +122,16 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
             coefs[t] = (a, s, s / a if a else math.inf, float(path.d_alpha(tt)), float(path.d_sigma(tt)))
         return coefs[t]
 
-    def denoise(x: torch.Tensor, t: float) -> Denoised:
+    def evaluate(xs: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+        """One batched forward pass over the branches in ``xs`` (each with its own state); x0 predictions."""
         a, s, sigma, da, ds = at(t)
-        names = guide.branches(sigma) if guide is not None else ("cond",)
+        names = list(xs)
+        for n in names:
+            if branch_cond.get(n) is None and n != "cond" and guide is not None:
+                raise ValueError(f"{guide!r} needs the {n!r} conditioning: pass {n}= to sample()")
         k = len(names)
-        xb = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
-        tb = torch.full((batch * k,), t, dtype=x.dtype, device=x.device)
+        xb = xs[names[0]] if k == 1 else torch.cat([xs[n] for n in names])
+        tb = torch.full((xb.shape[0],), t, dtype=xb.dtype, device=xb.device)
         cb = branch_cond[names[0]] if k == 1 else condlib.cat([branch_cond[n] for n in names])
         out = model(xb, tb, cb)
         state["nfe"] += k
@@ -134,9 +141,16 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
         if not torch.isfinite(out).all():
             raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
         x0 = _x0(out, model.prediction, xb, a, s, da, ds)
+        return dict(zip(names, x0.chunk(k))) if k > 1 else {names[0]: x0}
+
+    def denoise(x: torch.Tensor, t: float) -> Denoised:
         if guide is None:
-            return Denoised(x0)
-        res = guide.combine(dict(zip(names, x0.chunk(k))), sigma)
+            return Denoised(evaluate({"cond": x}, t)["cond"])
+        a, s, sigma, da, ds = at(t)
+        ctx = Ctx(x, t, sigma, a, s, da, ds, state["step"], path, lambda xs: evaluate(xs, t), model.prediction)
+        names = guide.branches(ctx)
+        preds = evaluate({n: x for n in names}, t) if names else {}
+        res = guide.combine(preds, ctx)
         return res if isinstance(res, Denoised) else Denoised(res)
 
     p0 = grid[0]

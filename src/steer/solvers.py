@@ -31,6 +31,7 @@ __all__ = ["Denoised", "Solver", "SOLVERS", "get_solver", "solver_table"]
 class Denoised:
     x0: torch.Tensor
     eps: torch.Tensor | None = None  # re-noise estimate; None means (x − α x0)/σ
+    x0_hist: torch.Tensor | None = None  # what multistep solvers remember instead of x0 (CFG++: D_u)
 
 
 class Pt(NamedTuple):
@@ -71,6 +72,7 @@ class Solver:
     stochastic = False
     paper = ""
     nfe_per_step = 1
+    supports_renoise = False  # honours Denoised.eps / x0_hist (needed by CFG++)
 
     def __init__(self, **options):
         if options:
@@ -109,6 +111,8 @@ class Euler(Solver):
     Order 1, 1 NFE per step.
     """
 
+    supports_renoise = True
+
     name, order, paper = "euler", 1, "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models, arXiv 2206.00364"
 
     def step(self, i, x, denoise, noise):
@@ -129,6 +133,8 @@ class DDIM(Solver):
     the target time to ``t + (τ* − s)``. Defaults window 0.08, cutoff 0.3 (their ADM CIFAR-10 README: 80 and
     300 of 1000 steps). The placement of the shift is one of several in the authors' code.
     """
+
+    supports_renoise = True
 
     name, order, paper = "ddim", 1, "Song et al. 2021, Denoising Diffusion Implicit Models, arXiv 2010.02502"
 
@@ -192,6 +198,8 @@ class EulerAncestral(Solver):
     In EDM coordinates: ``σ_up = min(σ̄_t, η sqrt(σ̄_t²(σ̄_s² − σ̄_t²)/σ̄_s²))``, ``σ_down = sqrt(σ̄_t² − σ_up²)``,
     ``x̄_t = m + σ_down ε̂ + σ_up z``. For η ≤ 1 it coincides with DDIM(η). Order 1, 1 NFE per step; η = 1.
     """
+
+    supports_renoise = True
 
     name, order, stochastic = "euler_ancestral", 1, True
     paper = "Karras et al. 2022 / k-diffusion, arXiv 2206.00364"
@@ -289,6 +297,8 @@ class DPMpp2M(Solver):
     is plain 2M; the paper proves the HB variant first order and suggests β ≈ 0.8 for low-step, high-CFG runs.
     """
 
+    supports_renoise = True
+
     name, order = "dpmpp_2m", 2
     paper = "Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, arXiv 2211.01095"
 
@@ -312,7 +322,7 @@ class DPMpp2M(Solver):
         if self.hist and math.isfinite(h) and math.isfinite(self.hist[-1][0]):
             lam1, m1 = self.hist[-1]
             val = m0 + 0.5 * (m0 - m1) * h / (p.lam - lam1)
-        self.hist = [(p.lam, m0)]
+        self.hist = [(p.lam, d.x0_hist if d.x0_hist is not None else m0)]
         if self.momentum < 1:
             self.velocity = val if self.velocity is None else (1 - self.momentum) * self.velocity + self.momentum * val
             val = self.velocity
@@ -529,8 +539,8 @@ class UniPC(Solver):
             usable += 1
         order = min(self.p, usable) if math.isfinite(h) else 1
         self.last = (x, p, order)
-        if order == 1 and d.eps is not None:
-            return q.a * m_new + q.s * d.eps
+        if order == 1:  # DPM-Solver-1; no B(h) term (B = −∞ for bh1 on a step to σ = 0)
+            return q.a * m_new + q.s * d.eps if d.eps is not None else (q.s / p.s) * x - q.a * math.expm1(-h) * m_new
         rks, Ds = _diffs(self.hist[-order:], h)  # UniP
         h_phi_1, B, rhos = _unipc_coefs(rks, h, self.variant, corrector=False)
         pred = sum(rho * dk for rho, dk in zip(rhos, Ds))

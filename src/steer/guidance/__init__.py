@@ -1,10 +1,17 @@
-"""Guidance: branches → one batched evaluation → ``combine`` → guided x0.
+"""Guidance: branches → one batched evaluation → ``combine`` in the method's space → guided x0.
 
-A guidance object says which branches it needs at a noise level (``"cond"``, ``"uncond"``, ...) and combines
-their x0 predictions. Spec strings (``"cfg(scale=4)"``) are parsed by ``parse``; ``REGISTRY`` maps names to
-constructors.
+Every method is reachable by a spec string (``"apg(scale=10, eta=0)"``, stacks with ``+``) through ``parse``;
+``REGISTRY`` lists them with their paper, space, cost and defaults (``steer methods``).
 """
 
-from .core import Guidance, CFG, cfg, parse, REGISTRY
+from .core import REGISTRY, Ctx, Guidance, OutputModifier, Stack, Term, interval, parse
+from .cfg import (APG, CFG, CFGPP, FDG, MAMBO, TAG, TCFG, Adaptive, CFGZeroStar, Characteristic, DynamicThreshold,
+                  PerpNeg, Rescale, ZeroStar, adaptive, apg, cfg, cfg_rescale, cfg_zero_star, cfgpp, characteristic,
+                  dynamic_threshold, fdg, mambo, perp_neg, tag, tcfg)
+from .schedules import SCHEDULES, get_schedule
 
-__all__ = ["Guidance", "CFG", "cfg", "parse", "REGISTRY"]
+__all__ = ["REGISTRY", "Ctx", "Guidance", "OutputModifier", "Stack", "Term", "interval", "parse", "APG", "CFG",
+           "CFGPP", "FDG", "MAMBO", "TAG", "TCFG", "Adaptive", "CFGZeroStar", "Characteristic", "DynamicThreshold",
+           "PerpNeg", "Rescale", "ZeroStar", "adaptive", "apg", "cfg", "cfg_rescale", "cfg_zero_star", "cfgpp",
+           "characteristic", "dynamic_threshold", "fdg", "mambo", "perp_neg", "tag", "tcfg", "SCHEDULES",
+           "get_schedule"]

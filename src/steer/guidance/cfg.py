@@ -1,0 +1,599 @@
+"""The classifier-free guidance family: CFG, its modifiers (APG, CFG-Zero*, TCFG, MAMBO-G), CFG++, Adaptive
+Guidance, FDG, characteristic guidance, Perp-Neg, and the output modifiers (rescale, TAG, dynamic thresholding).
+
+All scales are in the w-form ``y_u + w (y_c − y_u)`` (w = 1: conditional only). Norms, dot products and statistics
+are per sample over all non-batch dimensions, in float32 or better (projections in float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..solvers import Denoised
+from .core import Ctx, OutputModifier, Stack, Term, register
+
+__all__ = ["CFG", "APG", "ZeroStar", "TCFG", "MAMBO", "CFGZeroStar", "CFGPP", "Adaptive", "FDG", "Characteristic",
+           "PerpNeg", "Rescale", "DynamicThreshold", "TAG", "cfg", "apg", "cfg_rescale", "cfgpp", "cfg_zero_star",
+           "adaptive", "tcfg", "tag", "fdg", "characteristic", "dynamic_threshold", "mambo", "perp_neg",
+           "laplacian_pyramid", "from_pyramid"]
+
+
+def _dims(x: torch.Tensor) -> list[int]:
+    return list(range(1, x.ndim))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=_dims(a), keepdim=True)
+
+
+def _norm(a: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(a, dim=_dims(a), keepdim=True)
+
+
+def _project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parallel, orthogonal) parts of v relative to ``onto``, per sample, computed in float64."""
+    v64, u64 = v.double(), onto.double()
+    u64 = u64 / _norm(u64).clamp_min(1e-300)
+    par = _dot(v64, u64) * u64
+    return par.to(v.dtype), (v64 - par).to(v.dtype)
+
+
+class Modifier:
+    """Transforms a term's guidance in ``space``: ``guide(y_c, y_u, w, ctx)`` returns the guided prediction."""
+
+    space = "x0"
+    name = "modifier"
+
+    def reset(self) -> None:
+        pass
+
+    def guide(self, yc, yu, w, ctx):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in vars(self).items() if not k.startswith('_'))})"
+
+
+class CFG(Term):
+    """Classifier-free guidance (Ho & Salimans 2022, Classifier-Free Diffusion Guidance, arXiv 2207.12598).
+
+    ``D = D_u + w (D_c − D_u)``, w-form (Ho & Salimans' ``w_HS = w − 1``); a negative prompt is the ``uncond``
+    conditioning. Space-independent (affine with weights summing to one). ``modifier`` (APG, ZeroStar, TCFG,
+    MAMBO) changes how the two branches combine and its space. Cost: +1 NFE per step while active, batched with
+    the conditional pass. Default w = 7.5 (diffusers).
+    """
+
+    name = "cfg"
+
+    def __init__(self, scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0,
+                 sigma_hi: float = math.inf, schedule=None, when=None, clamp: float = 2.0):
+        super().__init__(scale, sigma_lo, sigma_hi, schedule, when, clamp)
+        self.modifier = modifier
+        if modifier is not None:
+            self.space = modifier.space
+
+    def reset(self):
+        if self.modifier is not None:
+            self.modifier.reset()
+
+    def guide(self, yc, yu, w, ctx):
+        return yu + w * (yc - yu) if self.modifier is None else self.modifier.guide(yc, yu, w, ctx)
+
+    def options(self):
+        out = super().options()
+        if self.modifier is not None:
+            out["modifier"] = self.modifier
+        return out
+
+    def __repr__(self):
+        if self.modifier is not None and self.modifier.name != "modifier":
+            inner = {k: v for k, v in self.options().items() if k != "modifier"}
+            inner.update({k: v for k, v in vars(self.modifier).items() if not k.startswith("_")})
+            return f"{self.modifier.name}({', '.join(f'{k}={v!r}' for k, v in inner.items())})"
+        return super().__repr__()
+
+
+class APG(Modifier):
+    """Adaptive projected guidance (Sadat, Hilliges & Weber, ICLR 2025, "Eliminating Oversaturation and
+    Artifacts of High Guidance Scales in Diffusion Models", arXiv 2410.02416), Algorithm 1.
+
+    In x0 space: ``Δ = D_c − D_u``; reverse momentum ``m ← Δ + β m`` (a running sum, β < 0; ``Δ ← m``); norm cap
+    ``Δ ← Δ·min(1, r/‖Δ‖)`` (r = 0 disables); projection on ``D_c`` in float64, ``Δ_mod = Δ_⊥ + η Δ_∥``;
+    ``D = D_c + (w − 1) Δ_mod``. η = 1, r = 0, β = 0 is CFG. The momentum buffer is reset at every sampling call
+    and updated at every model evaluation (twice per step with 2-stage solvers).
+    Defaults η = 0 (the paper's recommendation), r = 15, β = −0.5 (paper Table 10, SDXL row).
+    """
+
+    name, space = "apg", "x0"
+
+    def __init__(self, eta: float = 0.0, rescale: float = 15.0, momentum: float = -0.5, space: str = "x0"):
+        if not -1 < momentum <= 0:
+            raise ValueError(f"apg momentum must be in (-1, 0] (negative, as in the paper; |β| >= 1 diverges), got {momentum}")
+        if rescale < 0:
+            raise ValueError(f"apg rescale (the norm threshold r) must be >= 0, got {rescale}")
+        self.eta, self.rescale, self.momentum, self.space = float(eta), float(rescale), float(momentum), space
+        self._m = None
+
+    def reset(self):
+        self._m = None
+
+    def guide(self, yc, yu, w, ctx):
+        delta = yc - yu
+        if self.momentum != 0:
+            self._m = delta if self._m is None else delta + self.momentum * self._m
+            delta = self._m
+        if self.rescale > 0:
+            delta = delta * torch.clamp(self.rescale / _norm(delta.float()).clamp_min(1e-12), max=1.0).to(delta.dtype)
+        par, orth = _project(delta, yc)
+        return yc + (w - 1) * (orth + self.eta * par)
+
+
+class ZeroStar(Modifier):
+    """CFG-Zero*'s optimised scale (Fan et al. 2025, arXiv 2503.18886), in flow-velocity space:
+    ``s* = ⟨u_c, u_u⟩ / (‖u_u‖² + 1e−8)`` per sample (float32), ``u = s* u_u + w (u_c − s* u_u)``."""
+
+    name, space = "zero_star", "flow"
+
+    def __init__(self, space: str = "flow"):
+        self.space = space
+
+    def guide(self, yc, yu, w, ctx):
+        c32, u32 = yc.float(), yu.float()
+        s = (_dot(c32, u32) / (_dot(u32, u32) + 1e-8)).to(yc.dtype)
+        return s * yu + w * (yc - s * yu)
+
+
+class TCFG(Modifier):
+    """Tangential damping CFG (Kwon et al., CVPR 2025, arXiv 2503.18137), in ε space: per sample, replace
+    ``y_u`` by its component along the first right-singular vector ``v_1`` of ``[y_c; y_u]`` (2 × N), then CFG.
+    ``v_1`` comes from the exact 2×2 Gram-matrix eigen-decomposition (float64) instead of a full SVD."""
+
+    name, space = "tcfg", "eps"
+
+    def __init__(self, space: str = "eps"):
+        self.space = space
+
+    def guide(self, yc, yu, w, ctx):
+        c, u = yc.flatten(1).double(), yu.flatten(1).double()
+        gram = torch.stack([torch.stack([(c * c).sum(1), (c * u).sum(1)], -1),
+                            torch.stack([(c * u).sum(1), (u * u).sum(1)], -1)], -2)
+        vecs = torch.linalg.eigh(gram).eigenvectors[..., :, -1]  # top eigenvector of A Aᵀ
+        p = vecs[:, :1] * c + vecs[:, 1:] * u  # ∝ v_1 = Aᵀ e_1
+        u_par = ((u * p).sum(1, keepdim=True) / (p * p).sum(1, keepdim=True).clamp_min(1e-300)) * p
+        u_new = u_par.reshape(yu.shape).to(yu.dtype)
+        return u_new + w * (yc - u_new)
+
+
+class MAMBO(Modifier):
+    """MAMBO-G (Magnitude-Aware Mitigation for Boosted Guidance, arXiv 2508.03442): per sample
+    ``w_eff = 1 + (w − 1) exp(−α ‖y_c − y_u‖ / ‖y_u‖)``, then CFG with ``w_eff``. Space: the model's raw
+    output, as in diffusers' MagnitudeAwareGuidance. Defaults w = 10, α = 8 (diffusers)."""
+
+    name = "mambo"
+
+    def __init__(self, alpha: float = 8.0, space: str = "raw"):
+        self.alpha, self.space = float(alpha), space
+
+    def guide(self, yc, yu, w, ctx):
+        diff = yc - yu
+        ratio = _norm(diff.float()) / _norm(yu.float()).clamp_min(1e-12)
+        w_eff = (1.0 + (w - 1.0) * torch.exp(-self.alpha * ratio)).to(yc.dtype)
+        return yu + w_eff * diff
+
+
+class CFGZeroStar(CFG):
+    """CFG-Zero* (Fan, Zheng, Yeh & Liu 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching
+    Models", arXiv 2503.18886): the optimised scale (``ZeroStar``) plus zero-init: the first
+    ``zero_init_steps`` solver steps return zero velocity (x̂0 such that ``α̇ x̂0 + σ̇ ε̂ = 0``) and evaluate
+    nothing. ``zero_init_steps=K`` zeroes K steps (diffusers' count; the official ``zero_steps=K−1``).
+    Defaults w = 4 (their SD3 examples use 4–5), one zero-init step (official default ``zero_steps=0``)."""
+
+    name = "cfg_zero_star"
+
+    def __init__(self, scale: float = 4.0, zero_init_steps: int = 1, **kwargs):
+        super().__init__(scale, modifier=ZeroStar(), **kwargs)
+        if zero_init_steps < 0:
+            raise ValueError(f"zero_init_steps must be >= 0, got {zero_init_steps}")
+        self.zero_init_steps = int(zero_init_steps)
+
+    def skip_all(self, ctx):
+        return ctx.step < self.zero_init_steps
+
+    def branches(self, ctx):
+        return () if self.skip_all(ctx) else super().branches(ctx)
+
+    def combine(self, preds, ctx):
+        if self.skip_all(ctx):
+            return ctx.x0(torch.zeros_like(ctx.x), "flow")
+        return super().combine(preds, ctx)
+
+    def __repr__(self):
+        return f"cfg_zero_star(scale={self.scale:g}, zero_init_steps={self.zero_init_steps})"
+
+
+class CFGPP(CFG):
+    """CFG++ (Chung et al., ICLR 2025, "CFG++: Manifold-constrained Classifier Free Guidance for Diffusion
+    Models", arXiv 2406.08070): the guided ``x̂0 = D_u + λ (D_c − D_u)`` with λ ∈ [0, 1], re-noised with the
+    **unconditional** noise estimate ``ε̂_u``; multistep solvers keep ``D_u`` in their history. Works with the
+    solvers that re-noise with a separate estimate: ddim, ddpm, euler, euler_ancestral, dpmpp_2m. λ = 1 still
+    re-noises with ε̂_u, so the unconditional pass always runs (+1 NFE). Default λ = 0.6 (their SD1.5 example).
+    """
+
+    name = "cfgpp"
+    needs_renoise = True
+    always_neg = True
+
+    def __init__(self, scale: float = 0.6, **kwargs):
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"cfgpp scale λ must be in [0, 1] (λ > 1 leaves the data manifold), got {scale}")
+        super().__init__(scale, **kwargs)
+
+    def combine(self, preds, ctx):
+        if not self.active(ctx):
+            return preds["cond"]
+        du = preds["uncond"]
+        d = du + self.weight(ctx) * (preds["cond"] - du)
+        return Denoised(d, (ctx.x - ctx.a * du) / ctx.s, du)
+
+
+class Adaptive(CFG):
+    """Adaptive Guidance (Castillo et al., AAAI 2025, "Adaptive Guidance: Training-free Acceleration of
+    Conditional Diffusion Models", arXiv 2312.12487): CFG until the cosine similarity of the conditional and
+    unconditional ε predictions (per sample) reaches ``threshold``, then the conditional model alone for the rest
+    of the sampling call (a one-way latch per sample); once every sample has latched, the unconditional pass is
+    no longer evaluated. Default threshold 0.991 (reference notes §8, secondary source), w = 7.5."""
+
+    name = "adaptive"
+
+    def __init__(self, scale: float = 7.5, threshold: float = 0.991, **kwargs):
+        super().__init__(scale, **kwargs)
+        if not -1 <= threshold <= 1:
+            raise ValueError(f"adaptive threshold is a cosine similarity in [-1, 1], got {threshold}")
+        self.threshold = float(threshold)
+        self._latched = None
+
+    def reset(self):
+        self._latched = None
+
+    def active(self, ctx):
+        done = self._latched is not None and bool(self._latched.all())
+        return super().active(ctx) and not done
+
+    def combine(self, preds, ctx):
+        if not self.active(ctx):
+            return preds["cond"]
+        ec, eu = ctx.to(preds["cond"], "eps").flatten(1).float(), ctx.to(preds["uncond"], "eps").flatten(1).float()
+        cos = F.cosine_similarity(ec, eu, dim=1)
+        hit = cos >= self.threshold
+        self._latched = hit if self._latched is None else (self._latched | hit)
+        guided = super().combine(preds, ctx)
+        keep = self._latched.reshape(-1, *([1] * (guided.ndim - 1)))
+        return torch.where(keep, preds["cond"], guided)
+
+    def __repr__(self):
+        return f"adaptive(scale={self.scale:g}, threshold={self.threshold:g})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# FDG: Laplacian pyramid (Burt & Adelson), written here: 5×5 binomial blur with reflect padding, bilinear 2×.
+
+_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    k = _BINOMIAL.to(x)
+    k2 = (k[:, None] * k[None, :]).expand(c, 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k2, groups=c)
+
+
+def _down(x):
+    return F.interpolate(_blur(x), size=(x.shape[2] // 2, x.shape[3] // 2), mode="bilinear", align_corners=False)
+
+
+def _up(x):
+    return _blur(F.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2), mode="bilinear", align_corners=False))
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Band-pass levels from high to low frequency, the last one the low-pass residual. ``x``: [B, C, H, W]
+    with H and W divisible by 2^(levels − 1). ``from_pyramid`` inverts it exactly."""
+    gauss = [x]
+    for _ in range(levels - 1):
+        gauss.append(_down(gauss[-1]))
+    return [g - _up(g_next) for g, g_next in zip(gauss, gauss[1:])] + [gauss[-1]]
+
+
+def from_pyramid(pyr: list[torch.Tensor]) -> torch.Tensor:
+    img = pyr[-1]
+    for level in reversed(pyr[:-1]):
+        img = _up(img) + level
+    return img
+
+
+class FDG(CFG):
+    """Frequency-decoupled guidance (Sadat et al. 2025, "Guidance in the Frequency Domain Enables High-Fidelity
+    Sampling at Low CFG Scales", arXiv 2506.19713). Both predictions are split by a Laplacian pyramid; each level
+    gets its own w-form scale (``y_u^(l) + w_l Δ^(l)``), optionally with APG-style down-weighting of the part of
+    ``Δ^(l)`` parallel to ``y_c^(l)`` (``parallel_weight``); the guided pyramid is reconstructed. With
+    ``levels`` levels, the ``levels − 1`` band-pass levels use ``scale_high`` and the low-pass residual
+    ``scale_low`` (or give ``scales`` high → low). Equal scales and no projection is CFG. Space x0 (the
+    paper works on denoised predictions; without projection the space does not matter). Needs image-shaped
+    samples [B, C, H, W] (video: frames in the batch); sizes are reflect-padded to a multiple of
+    2^(levels − 1) and cropped back. Defaults w_low = 5, w_high = 10 (paper's SDXL example), 2 levels."""
+
+    name = "fdg"
+
+    def __init__(self, scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None,
+                 parallel_weight: float = 1.0, space: str = "x0", **kwargs):
+        if levels < 2 and scales is None:
+            raise ValueError(f"fdg needs levels >= 2, got {levels}")
+        self.scales = [float(s) for s in scales] if scales is not None else [float(scale_high)] * (levels - 1) + [float(scale_low)]
+        self.levels = len(self.scales)
+        super().__init__(max(self.scales, key=lambda s: abs(s - 1)), **kwargs)
+        self.scale_low, self.scale_high = self.scales[-1], self.scales[0]
+        self.parallel_weight, self.space = float(parallel_weight), space
+
+    def active(self, ctx):
+        return super().active(ctx) or (self.sigma_lo < ctx.sigma <= self.sigma_hi and any(s != 1 for s in self.scales))
+
+    def guide(self, yc, yu, w, ctx):
+        if yc.ndim != 4:
+            raise ValueError(f"fdg needs image-shaped samples [B, C, H, W], got shape {tuple(yc.shape)}")
+        h, w_ = yc.shape[-2:]
+        m = 2 ** (self.levels - 1)
+        ph, pw = (-h) % m, (-w_) % m
+        if ph or pw:
+            yc, yu = (F.pad(y, (0, pw, 0, ph), mode="reflect") for y in (yc, yu))
+        pc, pu = laplacian_pyramid(yc, self.levels), laplacian_pyramid(yu, self.levels)
+        out = []
+        for lc, lu, s in zip(pc, pu, self.scales):
+            delta = lc - lu
+            if self.parallel_weight != 1.0:
+                par, orth = _project(delta, lc)
+                delta = orth + self.parallel_weight * par
+            out.append(lu + s * delta)
+        return from_pyramid(out)[..., :h, :w_]
+
+    def __repr__(self):
+        return f"fdg(scales={self.scales}, parallel_weight={self.parallel_weight:g})"
+
+
+class Characteristic(CFG):
+    """Characteristic guidance (Zheng & Lan, ICML 2024, "Characteristic Guidance: Non-linear Correction for
+    Diffusion Model at Large Guidance Scale", arXiv 2312.07586), basic solver.
+
+    Both branches are evaluated at shifted inputs, with the shift Δx the fixed point of
+    ``Δx = σ (ε_u(x + wΔx) − ε_c(x + (w − 1)Δx))``, found by damped iteration
+    ``Δx ← Δx − ℓ (Δx − σ(...))`` from Δx = 0 until the RMS residual is below ``tol``; the output is CFG of the
+    shifted predictions, ``ε̂ = ε_u(x + wΔx) + w (ε_c(x + (w − 1)Δx) − ε_u(x + wΔx))``. Δx = 0 is CFG; a sample
+    that does not converge in ``max_iter`` iterations falls back to CFG. The reference's regularised projection
+    onto a small basis and Anderson acceleration are not implemented (P = identity). Cost: +2 NFE per iteration.
+    Defaults from the reference WebUI: ℓ = 1, tol = 1e−4, max_iter = 30."""
+
+    name = "characteristic"
+
+    def __init__(self, scale: float = 7.5, step: float = 1.0, tol: float = 1e-4, max_iter: int = 30, **kwargs):
+        super().__init__(scale, **kwargs)
+        self.step, self.tol, self.max_iter = float(step), float(tol), int(max_iter)
+
+    def combine(self, preds, ctx):
+        if not self.active(ctx):
+            return preds["cond"]
+        w, x = self.weight(ctx), ctx.x
+        eps = lambda xs, x0: (xs - ctx.a * x0) / ctx.s  # noqa: E731
+        ec, eu = eps(x, preds["cond"]), eps(x, preds["uncond"])
+        dx = torch.zeros_like(x)
+        converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(self.max_iter):
+            target = ctx.s * (eu - ec)
+            resid = (dx - target).flatten(1).float().pow(2).mean(1).sqrt()
+            converged = resid < self.tol
+            if bool(converged.all()):
+                break
+            dx = dx - self.step * (dx - target)
+            xc, xu = x + (w - 1) * dx, x + w * dx
+            out = ctx.evaluate({"cond": xc, "uncond": xu})
+            ec, eu = eps(xc, out["cond"]), eps(xu, out["uncond"])
+        guided = ctx.x0(eu + w * (ec - eu), "eps")
+        plain = super().combine(preds, ctx)
+        keep = converged.reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.where(keep, guided, plain)
+
+
+class PerpNeg(Term):
+    """Perp-Neg (Armandpour et al. 2023, "Re-imagine the Negative Prompt Algorithm", arXiv 2304.04968).
+
+    Branches: the positive ``cond``, the empty ``uncond`` and the ``negative`` conditioning. With
+    ``δ_+ = y_+ − y_∅``, ``δ_− = y_− − y_∅`` and ``δ_−^⊥ = δ_− − (⟨δ_−, δ_+⟩/‖δ_+‖²) δ_+`` per sample,
+    ``ŷ = y_∅ + w (δ_+ − β δ_−^⊥)``. Space ε (the paper composes scores). Cost: +2 NFE (three branches, one
+    batch). Defaults w = 7.5, β = 1."""
+
+    name = "perp_neg"
+    space = "eps"
+
+    def __init__(self, scale: float = 7.5, neg_scale: float = 1.0, space: str = "eps", **kwargs):
+        super().__init__(scale, **kwargs)
+        self.neg_scale, self.space = float(neg_scale), space
+
+    def active(self, ctx):
+        return self.sigma_lo < ctx.sigma <= self.sigma_hi
+
+    def branches(self, ctx):
+        return ("cond", "uncond", "negative") if self.active(ctx) else ("cond",)
+
+    def combine(self, preds, ctx):
+        if not self.active(ctx):
+            return preds["cond"]
+        yp, y0, yn = (ctx.to(preds[k], self.space) for k in ("cond", "uncond", "negative"))
+        dp, dn = yp - y0, yn - y0
+        coef = (_dot(dn.double(), dp.double()) / _dot(dp.double(), dp.double()).clamp_min(1e-300)).to(dp.dtype)
+        guided = y0 + self.weight(ctx) * (dp - self.neg_scale * (dn - coef * dp))
+        return ctx.x0(guided, self.space)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output modifiers
+
+
+class Rescale(OutputModifier):
+    """CFG rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    arXiv 2305.08891, §3.4): ``y_resc = y_cfg · std(y_c)/std(y_cfg)``, ``ŷ = φ y_resc + (1 − φ) y_cfg``, per
+    sample. Space v by default, as in the paper (their model predicts v); ``space="raw"`` is diffusers'
+    ``guidance_rescale`` on the model output. Default φ = 0.7 (paper)."""
+
+    name, order = "rescale", 20
+
+    def __init__(self, phi: float = 0.7, space: str = "v"):
+        if not 0 <= phi <= 1:
+            raise ValueError(f"rescale phi must be in [0, 1], got {phi}")
+        self.phi, self.space = float(phi), space
+
+    def apply(self, d, preds, ctx):
+        if self.phi == 0:
+            return d
+        y, yc = ctx.to(d, self.space), ctx.to(preds["cond"], self.space)
+        ratio = yc.std(dim=_dims(yc), keepdim=True) / y.std(dim=_dims(y), keepdim=True).clamp_min(1e-12)
+        return ctx.x0(self.phi * y * ratio + (1 - self.phi) * y, self.space)
+
+    def options(self):
+        return {"phi": self.phi, "space": self.space}
+
+
+class DynamicThreshold(OutputModifier):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, arXiv 2205.11487) on x̂0 of a pixel-space model in
+    [−1, 1]: ``s = quantile_p(|x̂0|)`` per sample, ``s ← clamp(s, 1, max_value)``, ``x̂0 ← clip(x̂0, −s, s)/s``.
+    Defaults p = 0.995 (diffusers), max_value = ∞ (the paper; diffusers' default 1.0 is static clipping)."""
+
+    name, order = "dynamic_threshold", 90
+
+    def __init__(self, percentile: float = 0.995, max_value: float = math.inf):
+        if not 0 < percentile <= 1:
+            raise ValueError(f"percentile must be in (0, 1], got {percentile}")
+        self.percentile, self.max_value = float(percentile), float(max_value)
+
+    def apply(self, d, preds, ctx):
+        flat = d.flatten(1).float().abs()
+        s = torch.quantile(flat, self.percentile, dim=1).clamp(min=1.0, max=self.max_value)
+        s = s.reshape(-1, *([1] * (d.ndim - 1))).to(d.dtype)
+        return torch.clamp(d, -s, s) / s
+
+    def options(self):
+        return {"percentile": self.percentile, "max_value": self.max_value}
+
+
+class TAG(OutputModifier):
+    """Tangential amplifying guidance (Cho et al. 2025, arXiv 2510.04533), in the form of ComfyUI's node: the
+    first-order update direction ``d = D − x̄`` (x̄ = x/α in EDM coordinates; x itself on flow paths) is split
+    into its part along the state ``x`` and the rest, ``D̂ = x̄ + η_t d_⊥ + η_r d_∥``. η_t = η_r = 1 is the base
+    sampler. Defaults η_t = 1.05 (ComfyUI), η_r = 1."""
+
+    name, order = "tag", 60
+
+    def __init__(self, eta: float = 1.05, eta_r: float = 1.0):
+        self.eta, self.eta_r = float(eta), float(eta_r)
+
+    def apply(self, d, preds, ctx):
+        base = ctx.x if (ctx.path.kind == "flow" or ctx.a == 0) else ctx.x / ctx.a
+        step = d - base
+        par, orth = _project(step, ctx.x)
+        return base + self.eta * orth + self.eta_r * par
+
+    def options(self):
+        return {"eta": self.eta, "eta_r": self.eta_r}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spec-string constructors
+
+
+@register("cfg", family="cfg", paper="Ho & Salimans 2022, Classifier-Free Diffusion Guidance", arxiv="2207.12598",
+          space="any (affine)", extra_nfe="+1", defaults_source="w = 7.5: diffusers ClassifierFreeGuidance")
+def cfg(scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0, sigma_hi: float = math.inf,
+        schedule=None, when=None, clamp: float = 2.0) -> CFG:
+    return CFG(scale, modifier, sigma_lo, sigma_hi, schedule, when, clamp)
+
+
+@register("cfg_rescale", family="cfg", paper="Lin et al. 2024, Common Diffusion Noise Schedules and Sample Steps are Flawed",
+          arxiv="2305.08891", space="v (option)", extra_nfe="+1", defaults_source="w = 7.5, φ = 0.7: the paper §3.4")
+def cfg_rescale(scale: float = 7.5, phi: float = 0.7, space: str = "v", **kwargs) -> Stack:
+    return Stack([CFG(scale, **kwargs), Rescale(phi, space)])
+
+
+@register("apg", family="cfg", paper="Sadat et al. 2025, Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion Models",
+          arxiv="2410.02416", space="x0", extra_nfe="+1",
+          defaults_source="η = 0: the paper's recommendation; r = 15, β = −0.5: paper Table 10 (SDXL); w = 10")
+def apg(scale: float = 10.0, eta: float = 0.0, rescale: float = 15.0, momentum: float = -0.5, space: str = "x0",
+        **kwargs) -> CFG:
+    return CFG(scale, APG(eta, rescale, momentum, space), **kwargs)
+
+
+@register("cfgpp", family="cfg", paper="Chung et al. 2025, CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models",
+          arxiv="2406.08070", space="x0 + ε_u re-noise", extra_nfe="+1",
+          defaults_source="λ = 0.6: the authors' SD1.5 DDIM example")
+def cfgpp(scale: float = 0.6, **kwargs) -> CFGPP:
+    return CFGPP(scale, **kwargs)
+
+
+@register("cfg_zero_star", family="cfg", paper="Fan et al. 2025, CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching Models",
+          arxiv="2503.18886", space="flow velocity", extra_nfe="+1 (0 on zero-init steps, which evaluate nothing)",
+          defaults_source="w = 4: the authors' SD3 examples; 1 zero-init step: official zero_steps = 0")
+def cfg_zero_star(scale: float = 4.0, zero_init_steps: int = 1, **kwargs) -> CFGZeroStar:
+    return CFGZeroStar(scale, zero_init_steps, **kwargs)
+
+
+@register("adaptive", family="cfg", paper="Castillo et al. 2025, Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models",
+          arxiv="2312.12487", space="ε (cosine test)", extra_nfe="+1 until every sample latches, then 0",
+          defaults_source="threshold 0.991: reference notes §8 (secondary source); w = 7.5")
+def adaptive(scale: float = 7.5, threshold: float = 0.991, **kwargs) -> Adaptive:
+    return Adaptive(scale, threshold, **kwargs)
+
+
+@register("tcfg", family="cfg", paper="Kwon et al. 2025, TCFG: Tangential Damping Classifier-free Guidance",
+          arxiv="2503.18137", space="ε", extra_nfe="+1", defaults_source="w = 7.5 (no other parameter)")
+def tcfg(scale: float = 7.5, space: str = "eps", **kwargs) -> CFG:
+    return CFG(scale, TCFG(space), **kwargs)
+
+
+@register("tag", family="cfg", paper="Cho et al. 2025, Tangential Amplifying Guidance",
+          arxiv="2510.04533", space="sampler update (x0 − x̄)", extra_nfe="+1 when scale ≠ 1, else 0",
+          defaults_source="η_t = 1.05: ComfyUI TangentialAmplifyingGuidance; scale 1 = TAG without CFG")
+def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
+    return TAG(eta, eta_r) if scale == 1.0 else Stack([CFG(scale, **kwargs), TAG(eta, eta_r)])
+
+
+@register("fdg", family="cfg", paper="Sadat et al. 2025, Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales",
+          arxiv="2506.19713", space="x0 (Laplacian pyramid levels)", extra_nfe="+1",
+          defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels")
+def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None, parallel_weight: float = 1.0,
+        **kwargs) -> FDG:
+    return FDG(scale_low, scale_high, levels, scales, parallel_weight, **kwargs)
+
+
+@register("characteristic", family="cfg", paper="Zheng & Lan 2024, Characteristic Guidance: Non-linear Correction for Diffusion Model at Large Guidance Scale",
+          arxiv="2312.07586", space="ε", extra_nfe="+1, plus 2 per fixed-point iteration",
+          defaults_source="ℓ = 1, tol = 1e−4, 30 iterations: the reference WebUI")
+def characteristic(scale: float = 7.5, step: float = 1.0, tol: float = 1e-4, max_iter: int = 30, **kwargs) -> Characteristic:
+    return Characteristic(scale, step, tol, max_iter, **kwargs)
+
+
+@register("dynamic_threshold", family="output", paper="Saharia et al. 2022, Photorealistic Text-to-Image Diffusion Models with Deep Language Understanding (Imagen)",
+          arxiv="2205.11487", space="x0 (pixel models)", extra_nfe="0",
+          defaults_source="p = 0.995: diffusers; max_value = ∞: the paper (no cap)")
+def dynamic_threshold(percentile: float = 0.995, max_value: float = math.inf) -> DynamicThreshold:
+    return DynamicThreshold(percentile, max_value)
+
+
+@register("mambo", family="cfg", paper="MAMBO-G: Magnitude-Aware Mitigation for Boosted Guidance",
+          arxiv="2508.03442", space="raw model output", extra_nfe="+1", defaults_source="w = 10, α = 8: diffusers MagnitudeAwareGuidance")
+def mambo(scale: float = 10.0, alpha: float = 8.0, space: str = "raw", **kwargs) -> CFG:
+    return CFG(scale, MAMBO(alpha, space), **kwargs)
+
+
+@register("perp_neg", family="cfg", paper="Armandpour et al. 2023, Re-imagine the Negative Prompt Algorithm: Transform 2D Diffusion into 3D",
+          arxiv="2304.04968", space="ε", extra_nfe="+2 (three branches)", defaults_source="w = 7.5; β = 1: ComfyUI PerpNegGuider")
+def perp_neg(scale: float = 7.5, neg_scale: float = 1.0, space: str = "eps", **kwargs) -> PerpNeg:
+    return PerpNeg(scale, neg_scale, space, **kwargs)
