@@ -169,12 +169,13 @@ class TCFG(Modifier):
 
 class MAMBO(Modifier):
     """MAMBO-G (Magnitude-Aware Mitigation for Boosted Guidance, arXiv 2508.03442): per sample
-    ``w_eff = 1 + (w − 1) exp(−α ‖y_c − y_u‖ / ‖y_u‖)``, then CFG with ``w_eff``. Space: the model's raw
-    output, as in diffusers' MagnitudeAwareGuidance. Defaults w = 10, α = 8 (diffusers)."""
+    ``w_eff = 1 + (w − 1) exp(−α ‖u_c − u_u‖ / ‖u_u‖)``, then CFG with ``w_eff``, in flow-velocity space (the
+    paper's ratio of velocities; all its experiments are flow models). diffusers' MagnitudeAwareGuidance applies it
+    to the raw model output (``space="raw"``). Defaults w = 10, α = 8 (the authors' quick start)."""
 
     name = "mambo"
 
-    def __init__(self, alpha: float = 8.0, space: str = "raw"):
+    def __init__(self, alpha: float = 8.0, space: str = "flow"):
         self.alpha, self.space = float(alpha), space
 
     def guide(self, yc, yu, w, ctx):
@@ -265,7 +266,8 @@ class Adaptive(CFG):
     def combine(self, preds, ctx):
         if not self.active(ctx):
             return preds["cond"]
-        ec, eu = ctx.to(preds["cond"], "eps").flatten(1).float(), ctx.to(preds["uncond"], "eps").flatten(1).float()
+        space = ctx.space_at("eps")
+        ec, eu = ctx.to(preds["cond"], space).flatten(1).float(), ctx.to(preds["uncond"], space).flatten(1).float()
         cos = F.cosine_similarity(ec, eu, dim=1)
         hit = cos >= self.threshold
         self._latched = hit if self._latched is None else (self._latched | hit)
@@ -287,7 +289,8 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     k = _BINOMIAL.to(x)
     k2 = (k[:, None] * k[None, :]).expand(c, 1, 5, 5)
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k2, groups=c)
+    mode = "reflect" if min(h, w) > 2 else "replicate"  # reflect needs more pixels than the pad
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode=mode), k2, groups=c)
 
 
 def _down(x):
@@ -364,44 +367,55 @@ class FDG(CFG):
 
 class Characteristic(CFG):
     """Characteristic guidance (Zheng & Lan, ICML 2024, "Characteristic Guidance: Non-linear Correction for
-    Diffusion Model at Large Guidance Scale", arXiv 2312.07586), basic solver.
+    Diffusion Model at Large Guidance Scale", arXiv 2312.07586).
 
     Both branches are evaluated at shifted inputs, with the shift Δx the fixed point of
-    ``Δx = σ (ε_u(x + wΔx) − ε_c(x + (w − 1)Δx))``, found by damped iteration
-    ``Δx ← Δx − ℓ (Δx − σ(...))`` from Δx = 0 until the RMS residual is below ``tol``; the output is CFG of the
-    shifted predictions, ``ε̂ = ε_u(x + wΔx) + w (ε_c(x + (w − 1)Δx) − ε_u(x + wΔx))``. Δx = 0 is CFG; a sample
-    that does not converge in ``max_iter`` iterations falls back to CFG. The reference's regularised projection
-    onto a small basis and Anderson acceleration are not implemented (P = identity). Cost: +2 NFE per iteration.
-    Defaults from the reference WebUI: ℓ = 1, tol = 1e−4, max_iter = 30."""
+    ``Δx = P[σ (ε_u(x + wΔx) − ε_c(x + (w − 1)Δx))]``; the output is CFG of the shifted predictions,
+    ``ε̂ = ε_u(x + wΔx) + w (ε_c(x + (w − 1)Δx) − ε_u(x + wΔx))``, converted to x0 at the unshifted x. Δx = 0 is
+    CFG. P is the reference code's default projection ("Num. Basis" 0): onto the per-sample direction ĝ of the
+    Δx = 0 correction, with ridge regularisation λ, ``P[v] = ⟨v, ĝ⟩ ĝ / (1 + λ)``; ``reg=None`` uses P = identity.
+    Damped iteration ``Δx ← Δx − ℓ (Δx − P[...])`` from Δx = 0 until the per-sample RMS residual is below ``tol``;
+    a sample that does not converge in ``max_iter`` iterations falls back to CFG (as in the reference). Not
+    implemented: the reference's annealing of λ over time and Anderson acceleration. Cost: +1 NFE, plus 2 per
+    iteration. Defaults from the reference WebUI: λ = 1, ℓ = 1, tol = 1e−4, 50 iterations."""
 
     name = "characteristic"
 
-    def __init__(self, scale: float = 7.5, step: float = 1.0, tol: float = 1e-4, max_iter: int = 30, **kwargs):
+    def __init__(self, scale: float = 7.5, reg: float | None = 1.0, step: float = 1.0, tol: float = 1e-4,
+                 max_iter: int = 50, **kwargs):
         super().__init__(scale, **kwargs)
-        self.step, self.tol, self.max_iter = float(step), float(tol), int(max_iter)
+        self.reg, self.step, self.tol, self.max_iter = reg, float(step), float(tol), int(max_iter)
 
     def combine(self, preds, ctx):
-        if not self.active(ctx):
-            return preds["cond"]
+        if not self.active(ctx) or ctx.a == 0:  # at α = 0 the ε predictions carry no information: CFG
+            return super().combine(preds, ctx)
         w, x = self.weight(ctx), ctx.x
         eps = lambda xs, x0: (xs - ctx.a * x0) / ctx.s  # noqa: E731
         ec, eu = eps(x, preds["cond"]), eps(x, preds["uncond"])
+        g0 = ctx.s * (eu - ec)
+        ghat = g0 / _norm(g0).clamp_min(1e-30)
+
+        def proj(v):
+            return v if self.reg is None else _dot(v, ghat) * ghat / (1 + self.reg)
+
         dx = torch.zeros_like(x)
         converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(self.max_iter):
-            target = ctx.s * (eu - ec)
-            resid = (dx - target).flatten(1).float().pow(2).mean(1).sqrt()
-            converged = resid < self.tol
-            if bool(converged.all()):
+        for it in range(self.max_iter + 1):
+            target = proj(ctx.s * (eu - ec))
+            converged = (dx - target).flatten(1).float().pow(2).mean(1).sqrt() < self.tol
+            if bool(converged.all()) or it == self.max_iter:
                 break
-            dx = dx - self.step * (dx - target)
+            moving = (~converged).reshape(-1, *([1] * (x.ndim - 1)))  # a converged sample keeps its Δx
+            dx = torch.where(moving, dx - self.step * (dx - target), dx)
             xc, xu = x + (w - 1) * dx, x + w * dx
             out = ctx.evaluate({"cond": xc, "uncond": xu})
             ec, eu = eps(xc, out["cond"]), eps(xu, out["uncond"])
         guided = ctx.x0(eu + w * (ec - eu), "eps")
-        plain = super().combine(preds, ctx)
         keep = converged.reshape(-1, *([1] * (x.ndim - 1)))
-        return torch.where(keep, guided, plain)
+        return torch.where(keep, guided, super().combine(preds, ctx))
+
+    def __repr__(self):
+        return f"characteristic(scale={self.scale:g}, reg={self.reg}, step={self.step:g}, max_iter={self.max_iter})"
 
 
 class PerpNeg(Term):
@@ -409,13 +423,15 @@ class PerpNeg(Term):
 
     Branches: the positive ``cond``, the empty ``uncond`` and the ``negative`` conditioning. With
     ``δ_+ = y_+ − y_∅``, ``δ_− = y_− − y_∅`` and ``δ_−^⊥ = δ_− − (⟨δ_−, δ_+⟩/‖δ_+‖²) δ_+`` per sample,
-    ``ŷ = y_∅ + w (δ_+ − β δ_−^⊥)``. Space ε (the paper composes scores). Cost: +2 NFE (three branches, one
-    batch). Defaults w = 7.5, β = 1."""
+    ``ŷ = y_∅ + w (δ_+ − β δ_−^⊥)`` (the authors' pipeline and ComfyUI's PerpNegGuider, whose projection
+    coefficient is batch-global; here it is per sample). Space-independent: every term is a difference of
+    predictions, which a conversion scales by one factor. Cost: +2 NFE (three branches, one batch).
+    Defaults w = 7.5 (the authors' pipeline), β = 1 (ComfyUI)."""
 
     name = "perp_neg"
-    space = "eps"
+    space = "x0"
 
-    def __init__(self, scale: float = 7.5, neg_scale: float = 1.0, space: str = "eps", **kwargs):
+    def __init__(self, scale: float = 7.5, neg_scale: float = 1.0, space: str = "x0", **kwargs):
         super().__init__(scale, **kwargs)
         self.neg_scale, self.space = float(neg_scale), space
 
@@ -575,9 +591,10 @@ def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scale
 
 @register("characteristic", family="cfg", paper="Zheng & Lan 2024, Characteristic Guidance: Non-linear Correction for Diffusion Model at Large Guidance Scale",
           arxiv="2312.07586", space="ε", extra_nfe="+1, plus 2 per fixed-point iteration",
-          defaults_source="ℓ = 1, tol = 1e−4, 30 iterations: the reference WebUI")
-def characteristic(scale: float = 7.5, step: float = 1.0, tol: float = 1e-4, max_iter: int = 30, **kwargs) -> Characteristic:
-    return Characteristic(scale, step, tol, max_iter, **kwargs)
+          defaults_source="λ = 1, ℓ = 1, tol = 1e−4, 50 iterations: the reference WebUI (scraed/CharacteristicGuidanceWebUI)")
+def characteristic(scale: float = 7.5, reg: float | None = 1.0, step: float = 1.0, tol: float = 1e-4, max_iter: int = 50,
+                   **kwargs) -> Characteristic:
+    return Characteristic(scale, reg, step, tol, max_iter, **kwargs)
 
 
 @register("dynamic_threshold", family="output", paper="Saharia et al. 2022, Photorealistic Text-to-Image Diffusion Models with Deep Language Understanding (Imagen)",
@@ -588,12 +605,13 @@ def dynamic_threshold(percentile: float = 0.995, max_value: float = math.inf) ->
 
 
 @register("mambo", family="cfg", paper="MAMBO-G: Magnitude-Aware Mitigation for Boosted Guidance",
-          arxiv="2508.03442", space="raw model output", extra_nfe="+1", defaults_source="w = 10, α = 8: diffusers MagnitudeAwareGuidance")
-def mambo(scale: float = 10.0, alpha: float = 8.0, space: str = "raw", **kwargs) -> CFG:
+          arxiv="2508.03442", space="flow velocity", extra_nfe="+1", defaults_source="w = 10, α = 8: the authors' quick start (and diffusers)")
+def mambo(scale: float = 10.0, alpha: float = 8.0, space: str = "flow", **kwargs) -> CFG:
     return CFG(scale, MAMBO(alpha, space), **kwargs)
 
 
 @register("perp_neg", family="cfg", paper="Armandpour et al. 2023, Re-imagine the Negative Prompt Algorithm: Transform 2D Diffusion into 3D",
-          arxiv="2304.04968", space="ε", extra_nfe="+2 (three branches)", defaults_source="w = 7.5; β = 1: ComfyUI PerpNegGuider")
-def perp_neg(scale: float = 7.5, neg_scale: float = 1.0, space: str = "eps", **kwargs) -> PerpNeg:
+          arxiv="2304.04968", space="any (differences)", extra_nfe="+2 (three branches)",
+          defaults_source="w = 7.5: the authors' pipeline; β = 1: ComfyUI PerpNegGuider")
+def perp_neg(scale: float = 7.5, neg_scale: float = 1.0, space: str = "x0", **kwargs) -> PerpNeg:
     return PerpNeg(scale, neg_scale, space, **kwargs)

@@ -45,6 +45,12 @@ class Ctx:
     evaluate: Callable | None = None  # {branch: x} -> {branch: x0}; extra NFEs, counted by the loop
     prediction: str = "x0"  # the model's native output kind ("raw" space)
 
+    def space_at(self, space: str) -> str:
+        """``space``, or x0 where it cannot represent x0: at α = 0 every ε (or score) prediction equals x/σ, so
+        methods defined in ε space work in x0 space at that single point."""
+        kind = self.prediction if space == "raw" else space
+        return "x0" if self.a == 0 and kind in ("eps", "score") else space
+
     def to(self, x0: torch.Tensor, space: str) -> torch.Tensor:
         """Convert an x0 prediction at this point into ``space`` (x0, eps, v, flow, score or raw)."""
         space = self.prediction if space == "raw" else space
@@ -159,8 +165,9 @@ class Term(Guidance):
     def combine(self, preds, ctx):
         if not self.active(ctx):
             return preds[self.pos]
-        yp, yn = ctx.to(preds[self.pos], self.space), ctx.to(preds[self.neg], self.space)
-        return ctx.x0(self.guide(yp, yn, self.weight(ctx), ctx), self.space)
+        space = ctx.space_at(self.space)
+        yp, yn = ctx.to(preds[self.pos], space), ctx.to(preds[self.neg], space)
+        return ctx.x0(self.guide(yp, yn, self.weight(ctx), ctx), space)
 
     def options(self):
         out = {"scale": self.scale}
