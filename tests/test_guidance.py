@@ -193,7 +193,7 @@ def test_identities_equal_cfg(path):
         g.perp_neg(4.0, neg_scale=0.0),
         g.mambo(4.0, alpha=0.0),
         g.cfg(4.0, schedule="constant"),
-        g.parse("cfg(scale=4) + dynamic_threshold(percentile=1.0, max_value=1.0)") if False else g.cfg(4.0),
+        g.parse("cfg(scale=4) + tag(eta=1)"),
     ]
     for method in same:
         out = method.combine(preds, ctx)
