@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -46,6 +47,30 @@ def solvers(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
         short = r["paper"].split(",")[0] + (f" · arXiv {arxiv.group(1)}" if arxiv else "")
         table.add_row(r["name"], str(r["order"]), "SDE" if r["stochastic"] else "ODE", str(r["nfe_per_step"]),
                       defaults, short)
+    console.print(table)
+
+
+@app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List the guidance methods: paper, space, extra NFEs, needs, defaults and their source."""
+    from .guidance import REGISTRY
+
+    rows = [{"name": m.name, "family": m.family, "paper": m.paper, "arxiv": m.arxiv, "space": m.space,
+             "extra_nfe": m.extra_nfe, "needs_gradients": m.needs_grad, "needs_hooks": m.needs_hooks,
+             "defaults": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                          for k, v in m.defaults.items() if k != "kwargs"},
+             "defaults_source": m.defaults_source} for m in REGISTRY.values()]
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="steer guidance methods (spec: name(key=value, ...); stack with +)")
+    for col in ("name", "paper · arXiv", "space", "extra NFE", "grad/hooks", "defaults (source)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items() if v is not None and k != "modifier")
+        needs = "/".join(n for n, f in (("grad", r["needs_gradients"]), ("hooks", r["needs_hooks"])) if f) or "-"
+        table.add_row(r["name"], f"{r['paper'].split(',')[0]} · {r['arxiv']}", r["space"], r["extra_nfe"], needs,
+                      f"{defaults} ({r['defaults_source']})")
     console.print(table)
 
 

@@ -17,6 +17,16 @@ So the tensor a scheduler passes to the network is always in the coordinates of 
 and a steer Denoiser can be called on it directly, at the steer time t whose noise level equals the level the
 scheduler assumes for that call. Only that level matters: diffusers' integer ``timestep`` may be a rounded version
 of it (Karras grids), and Heun-type schedulers repeat timesteps for their second stage.
+
+Where diffusers (0.42) departs from the methods, shown in tests/test_parity_diffusers.py:
+
+- k-diffusion schedulers with "linspace"/"trailing" spacing start from ``σ̄_max·z``, i.e. the VP state
+  ``σ_max·z`` rather than ``z`` (``steer_noise`` converts);
+- DDIMScheduler steps to ``τ − T//N``, not to the next listed timestep, when N does not divide T;
+- DPMSolverMultistep's order-3 "sde-dpmsolver++" has ``A2 − 1`` instead of ``A2`` on D2;
+- DDPMScheduler with ``variance_type="fixed_large"`` adds noise on the final step of a strided schedule;
+- UniPC ``solver_type="bh1"`` returns NaN on a final step to σ = 0;
+- below 15 steps DPM-Solver (order 3) and DEIS lower the order of their last steps (a heuristic, not a bug).
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ def scheduler_levels(scheduler, path: "str | Path") -> tuple[torch.Tensor, torch
     ones) by position, not by timestep value: Heun-type schedulers repeat timesteps and Karras grids may round two
     levels to one timestep. DDIM and DDPM have no ``sigmas``; their levels come from ``alphas_cumprod[timestep]``
     and the final level from the step rule (DDIM steps to ``timestep − T//N``; ``final_alpha_cumprod`` below 0).
+    Repeated levels appear once in ``grid`` (so a zero-length final step, as some Karras options produce, is dropped).
     """
     path = get_path(path)
     n = len(scheduler.timesteps)
@@ -232,7 +243,7 @@ def make_scheduler(solver: str = "dpmpp_2m", path: "str | Path" = "vp-linear", p
             raise ValueError(f"flow-matching schedulers take the velocity (prediction='flow'), not {prediction!r}")
         classes = {"euler": diffusers.FlowMatchEulerDiscreteScheduler, "heun": diffusers.FlowMatchHeunDiscreteScheduler}
         if name not in classes:
-            raise ValueError(f"no diffusers flow-matching scheduler matches steer solver {name!r}; matched: euler, heun")
+            raise ValueError(f"no diffusers flow-matching scheduler matches {name!r}; matched: euler, heun")
         return classes[name](**{"shift": path.shift, **config})
     if path.kind != "vp":
         raise ValueError(f"make_scheduler supports VP and flow paths, not {path.name!r}")
