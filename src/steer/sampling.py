@@ -138,14 +138,23 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
         state["passes"] += 1
         if out.shape != xb.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
-        if not torch.isfinite(out).all():
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
         x0 = _x0(out, model.prediction, xb, a, s, da, ds)
         return dict(zip(names, x0.chunk(k))) if k > 1 else {names[0]: x0}
 
     def denoise(x: torch.Tensor, t: float) -> Denoised:
-        if guide is None:
-            return Denoised(evaluate({"cond": x}, t)["cond"])
+        if guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
+            a, s, sigma, da, ds = at(t)
+            out = model(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), cond)
+            state["nfe"] += 1
+            state["passes"] += 1
+            if out.shape != x.shape:
+                raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; they must match")
+            if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # the sum is the cheap check
+                raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
+            x0 = _x0(out, model.prediction, x, a, s, da, ds)
+            return Denoised(x0, out if model.prediction == "eps" else None)
         a, s, sigma, da, ds = at(t)
         ctx = Ctx(x, t, sigma, a, s, da, ds, state["step"], path, lambda xs: evaluate(xs, t), model.prediction)
         names = guide.branches(ctx)

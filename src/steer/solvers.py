@@ -98,7 +98,7 @@ def _ddim_step(x, d: Denoised, p: Pt, q: Pt, eta: float, noise: Noise):
     """``x_t = α_t m + sqrt(σ_t² − c²) ε̂ + c z``, ``c = η σ_t sqrt(1 − e^{−2h})``."""
     e = _eps(x, d, p)
     if eta == 0 or q.s == 0:
-        return q.a * d.x0 + q.s * e
+        return torch.add(q.a * d.x0, e, alpha=q.s)
     c = min(eta * q.s * math.sqrt(-math.expm1(-2 * _h(p, q))), q.s)
     return q.a * d.x0 + math.sqrt(q.s**2 - c**2) * e + c * noise(x)
 
@@ -243,17 +243,16 @@ class Heun(Solver):
 def heun_step(path: Path, x, denoise, p: Pt, q: Pt):
     d1 = denoise(x, p.t)
     e1 = _eps(x, d1, p)
-    x_pred = q.a * d1.x0 + q.s * e1
+    x_pred = torch.add(q.a * d1.x0, e1, alpha=q.s)
     if q.s == 0:
         return x_pred
     d2 = denoise(x_pred, q.t)
     e2 = _eps(x_pred, d2, q)
-    if path.kind == "flow":
-        u1, u2 = e1 - d1.x0, e2 - d2.x0
-        return x + (q.t - p.t) * 0.5 * (u1 + u2)
+    if path.kind == "flow":  # trapezoid on u = ε̂ − x̂0 in (x, t)
+        return torch.add(x, (e1 - d1.x0) + (e2 - d2.x0), alpha=0.5 * (q.t - p.t))
     if p.a == 0:
         return x_pred
-    return q.a * (x / p.a + (q.sve - p.sve) * 0.5 * (e1 + e2))
+    return torch.add((q.a / p.a) * x, e1 + e2, alpha=0.5 * q.a * (q.sve - p.sve))  # α_t (x̄_s + Δσ̄ (e1 + e2)/2)
 
 
 class Midpoint(Solver):
@@ -586,22 +585,29 @@ class DEIS(Solver):
         us = [math.log(r) for r, _ in usable]
         out = x / p.a
         for j, (_, ej) in enumerate(usable):
-            poly = np.poly1d([1.0])
-            for k, uk in enumerate(us):
-                if k != j:
-                    poly = poly * np.poly1d([1.0, -uk]) / (us[j] - uk)
-            out = out + (_int_poly_exp(poly, q.sve) - _int_poly_exp(poly, p.sve)) * ej
+            out = out + (_int_poly_exp(_lagrange(us, j), q.sve) - _int_poly_exp(_lagrange(us, j), p.sve)) * ej
         return q.a * out
 
 
-def _int_poly_exp(poly: np.poly1d, rho: float) -> float:
-    """Antiderivative of ``P(log ρ) dρ`` at ρ: ``ρ Σ_k (−1)^k P^(k)(log ρ)``; 0 at ρ = 0."""
+def _lagrange(nodes: list[float], j: int) -> list[float]:
+    """Coefficients (lowest degree first) of the Lagrange basis polynomial ℓ_j through ``nodes``."""
+    coef = [1.0]
+    for k, uk in enumerate(nodes):
+        if k != j:
+            scale = 1.0 / (nodes[j] - uk)
+            coef = [(a * -uk + b) * scale for a, b in zip(coef + [0.0], [0.0] + coef)]
+    return coef
+
+
+def _int_poly_exp(coef: list[float], rho: float) -> float:
+    """Antiderivative of ``P(log ρ) dρ`` at ρ, i.e. of ``P(u) e^u du``: ``ρ Σ_k (−1)^k P^(k)(log ρ)``; 0 at ρ = 0."""
     if rho == 0:
         return 0.0
-    u, total, sign, dp = math.log(rho), 0.0, 1.0, poly
-    for _ in range(poly.order + 1):
-        total += sign * dp(u)
-        dp, sign = dp.deriv(), -sign
+    u, total, sign = math.log(rho), 0.0, 1.0
+    while coef:
+        total += sign * sum(c * u**i for i, c in enumerate(coef))
+        coef = [i * c for i, c in enumerate(coef)][1:]
+        sign = -sign
     return rho * total
 
 
