@@ -6,8 +6,8 @@ scheduler allows, on the same grid (the scheduler's: trailing spacing, uniform i
 on the flow path). The error is the RMS difference from the reference probability-flow ODE solution
 (``g.ode_solution``, DOP853, rtol 1e-11) from that state to the grid's last time (σ = 0; DEIS stops at σ_min).
 NFE = network evaluations per sample, counted on both sides. Rows marked * are different methods: steer's default
-Taylor 3M (one extra warm-up NFE, so one step fewer) against diffusers' order-3 DPM-Solver++; and below 15 steps
-diffusers lowers the order of the last steps of DPM-Solver++(3M) and DEIS, which steer does not.
+Taylor 3M (one extra warm-up NFE, so one step fewer) against diffusers' order-3 DPM-Solver++. Below 15 steps both
+libraries lower the order of the last steps of DPM-Solver++ and DEIS (``lower_order_final``, on by default).
 
 (b) Loop overhead. Wall time of ``steer.sample`` (the whole call) against diffusers' canonical loop
 (``set_timesteps``; ``for t in timesteps: out = model(scale_model_input(x, t), t); x = step(out, t, x).prev_sample``)
@@ -95,14 +95,13 @@ def accuracy_table(args) -> list[str]:
             start = noise.double() * float(torch.hypot(p.alpha(grid[0]), p.sigma(grid[0])))
             ref = g.ode_solution(start, float(grid[0]), float(grid[-1]), p, labels)
             e_s, e_d = rms(res.x, ref), rms(x_d, ref)
-            lowered = " †" if sched_spec in ("dpmpp_3m", "deis") and sched_steps < 15 else ""
+            lowered = " †" if sched_spec in ("dpmpp_3m", "deis") and sched_steps < 15 else ""  # both lower the order
             lines.append(f"| `{label}` | {path} | {res.nfe} / {nfe_d}{lowered} | {e_s:.3e} | {e_d:.3e} | "
                          f"{e_s / e_d:.3f} |")
             print(lines[-1], flush=True)
     lines += ["", "- \\* steer's default Taylor 3M (2·A2 on D2, warm-up step +1 NFE, so one step fewer on a "
               "uniform grid) against diffusers' order-3 DPM-Solver++ (A2, = steer's `variant='published'`).",
-              "- † below 15 steps diffusers lowers the order of the last steps (`lower_order_final`); steer does not, "
-              "so the methods differ on the same grid.",
+              "- † below 15 steps both libraries lower the order of the last steps (`lower_order_final`).",
               "- Both sides start from the scheduler's initial state (`steer_noise`); the grid is the scheduler's "
               "(trailing spacing, uniform in t from t = 1; DEIS ends at σ_min, t = 1/T)."]
     return lines

@@ -66,8 +66,8 @@ def maxdiff(a, b) -> float:
 # Deterministic solvers.
 #
 # Multistep solvers are checked at >= 15 steps and, where they also match, below. Below 15 steps diffusers'
-# DPMSolverMultistep (order 3) and DEIS lower the order of their last steps (``lower_order_final``), which steer
-# does not do; see test_lower_order_final_below_15_steps. DPM-Solver++(2M) and UniPC-2 match at any step count:
+# DPMSolverMultistep (order 3) and DEIS lower the order of their last steps (``lower_order_final``), as steer
+# does by default; see test_lower_order_final_below_15_steps. DPM-Solver++(2M) and UniPC-2 match at any step count:
 # their only lowered step is the last one to σ = 0, which steer also takes first order (h = ∞).
 PARITY = [
     # steer solver, scheduler spec, path, steps, prediction, scheduler config
@@ -145,17 +145,19 @@ def test_taylor_3m_is_not_diffusers_3m():
 
 
 @pytest.mark.parametrize("solver, sched", [("dpmpp_3m(variant='published')", "dpmpp_3m"), ("deis", "deis")])
-def test_lower_order_final_below_15_steps(solver, sched):
+@pytest.mark.parametrize("steps", [5, 8, 10, 14])
+def test_lower_order_final_below_15_steps(solver, sched, steps):
     """Below 15 steps diffusers lowers the order near the end (``lower_order_final=True``, its default):
     DPM-Solver++ order 3 takes its penultimate step at order 2, DEIS (order 2) its last step (to σ_min) at order 1.
-    That is a stability heuristic (DPM-Solver's advice for few-step guided sampling), not part of the methods;
-    steer keeps the full order. With ``lower_order_final=False`` the two agree at any step count. (UniPC lowers its final step at any
-    step count; with σ = 0 at the end that step is first order in steer too. DPM-Solver always takes the step to
-    σ = 0 at order 1, as steer does.)"""
-    res, x_d, _, _ = run_both(solver, "vp-linear", 10, scheduler=sched)
-    assert maxdiff(res.x, x_d) > 1e-3
-    res, x_d, _, _ = run_both(solver, "vp-linear", 10, scheduler=sched, lower_order_final=False)
+    It is a stability heuristic (DPM-Solver's advice for few-step guided sampling), not part of the methods; steer
+    follows it by default and both sides agree with it on or off."""
+    res, x_d, _, _ = run_both(solver, "vp-linear", steps, scheduler=sched)
     assert maxdiff(res.x, x_d) < TOL
+    off = solver[:-1] + ", lower_order_final=False)" if "(" in solver else solver + "(lower_order_final=False)"
+    res, x_d, _, _ = run_both(off, "vp-linear", steps, scheduler=sched, lower_order_final=False)
+    assert maxdiff(res.x, x_d) < TOL
+    res_on, _, _, _ = run_both(solver, "vp-linear", steps, scheduler=sched)
+    assert maxdiff(res.x, res_on.x) > 1e-4  # the rule changes the result
 
 
 def test_deis_order3_float64_schedule():

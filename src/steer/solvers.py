@@ -94,6 +94,15 @@ class Solver:
         return f"{self.name}({opts})"
 
 
+def _order_cap(solver: Solver, i: int) -> int:
+    """diffusers' ``lower_order_final``: with fewer than 15 steps, the last step is first order and the one
+    before it at most second order (DPM-Solver's advice for few-step sampling; a heuristic, not the method)."""
+    n = len(solver.pts) - 1
+    if not getattr(solver, "lower_order_final", False) or n >= 15:
+        return 3
+    return 1 if i == n - 1 else (2 if i == n - 2 else 3)
+
+
 def _ddim_step(x, d: Denoised, p: Pt, q: Pt, eta: float, noise: Noise):
     """``x_t = α_t m + sqrt(σ_t² − c²) ε̂ + c z``, ``c = η σ_t sqrt(1 − e^{−2h})``."""
     e = _eps(x, d, p)
@@ -288,7 +297,8 @@ class DPMpp2M(Solver):
 
     ``r = h_{−1}/h``, ``D1 = (m_0 − m_{−1})/r``; ``x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) (m_0 + D1/2)``,
     written as ``x_t = α_t m_0 + σ_t ε̂ + α_t (1 − e^{−h}) D1/2`` so a separate re-noise estimate can enter.
-    First step (and any step with ``h = ∞``) is DPM-Solver-1 = DDIM. Order 2, 1 NFE per step.
+    First step (and any step with ``h = ∞``) is DPM-Solver-1 = DDIM; ``lower_order_final`` (default, as
+    diffusers) makes the last step first order when there are fewer than 15 steps. Order 2, 1 NFE per step.
 
     ``momentum=β`` (< 1) adds Polyak heavy-ball momentum on the update direction (Wizadwongsa et al. 2023,
     "Diffusion Sampling with Momentum for Mitigating Divergence Artifacts", arXiv 2307.11118):
@@ -301,13 +311,13 @@ class DPMpp2M(Solver):
     name, order = "dpmpp_2m", 2
     paper = "Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, arXiv 2211.01095"
 
-    def __init__(self, momentum: float = 1.0):
+    def __init__(self, momentum: float = 1.0, lower_order_final: bool = True):
         if not 0 < momentum <= 1:
             raise ValueError(f"dpmpp_2m momentum must be in (0, 1], got {momentum}")
-        self.momentum = float(momentum)
+        self.momentum, self.lower_order_final = float(momentum), bool(lower_order_final)
 
     def options(self):
-        return {"momentum": self.momentum}
+        return {"momentum": self.momentum, "lower_order_final": self.lower_order_final}
 
     def start(self, path, grid):
         super().start(path, grid)
@@ -318,7 +328,7 @@ class DPMpp2M(Solver):
         d = denoise(x, p.t)
         m0, h = d.x0, _h(p, q)
         val = m0
-        if self.hist and math.isfinite(h) and math.isfinite(self.hist[-1][0]):
+        if self.hist and math.isfinite(h) and math.isfinite(self.hist[-1][0]) and _order_cap(self, i) >= 2:
             lam1, m1 = self.hist[-1]
             val = m0 + 0.5 * (m0 - m1) * h / (p.lam - lam1)
         self.hist = [(p.lam, d.x0_hist if d.x0_hist is not None else m0)]
@@ -341,28 +351,31 @@ class DPMpp3M(Solver):
     (tests/test_convergence.py) the published variant's error falls ~4× per halving of h, the Taylor one ~8×.
     The Taylor variant also warms up so as not to spoil its order: with no usable history it takes a
     second-order single step (DPM-Solver++(2S) with r = 1, one extra NFE), then 2M, then 3M. The published
-    variant warms up with orders 1, 2 like the references. 1 NFE per step (+1 for the Taylor warm-up).
+    variant warms up with orders 1, 2 like the references. ``lower_order_final`` (default, as diffusers): with
+    fewer than 15 steps the last step is first order and the one before it second order. 1 NFE per step (+1 for
+    the Taylor warm-up).
     """
 
     name, order = "dpmpp_3m", 3
     paper = "Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, arXiv 2211.01095"
 
-    def __init__(self, variant: str = "taylor"):
+    def __init__(self, variant: str = "taylor", lower_order_final: bool = True):
         if variant not in ("taylor", "published"):
             raise ValueError(f"dpmpp_3m variant must be 'taylor' or 'published', got {variant!r}")
-        self.variant = variant
+        self.variant, self.lower_order_final = variant, bool(lower_order_final)
 
     def options(self):
-        return {"variant": self.variant}
+        return {"variant": self.variant, "lower_order_final": self.lower_order_final}
 
     def step(self, i, x, denoise, noise):
         p, q = self.pts[i], self.pts[i + 1]
         d = denoise(x, p.t)
         m0, h, e = d.x0, _h(p, q), _eps(x, d, p)
-        usable = [(lam, m) for lam, m in self.hist if math.isfinite(lam)]
+        cap = _order_cap(self, i)
+        usable = [(lam, m) for lam, m in self.hist if math.isfinite(lam)][-(cap - 1):] if cap > 1 else []
         self.hist = (self.hist + [(p.lam, m0)])[-2:]
         base = q.a * m0 + q.s * e
-        if q.s == 0 or (not usable and self.variant == "published"):
+        if q.s == 0 or cap == 1 or (not usable and self.variant == "published"):
             return base
         phi1 = -math.expm1(-h)  # 1 − e^{−h}
         if not usable:  # second-order single step: predictor to t, trapezoid in the data prediction
@@ -560,26 +573,26 @@ class DEIS(Solver):
     Multistep exponential integrator on ε̂ in EDM coordinates, ``x̄_t = x̄_s + ∫_{ρ_s}^{ρ_t} ε̂(ρ) dρ`` with
     ``ρ = σ̄``; ε̂ is the Lagrange polynomial through the last ``order`` evaluations in ``log ρ``, integrated
     exactly (diffusers' "logrho" DEIS). Default order 2 (diffusers; the paper's best is 3). First step and
-    steps from α = 0 are DDIM. 1 NFE per step.
+    steps from α = 0 are DDIM; ``lower_order_final`` as in ``dpmpp_3m``. 1 NFE per step.
     """
 
     name, order = "deis", 2
     paper = "Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator, arXiv 2204.13902"
 
-    def __init__(self, order: int = 2):
+    def __init__(self, order: int = 2, lower_order_final: bool = True):
         if order not in (1, 2, 3):
             raise ValueError(f"deis order must be 1, 2 or 3, got {order}")
-        self.order = int(order)
+        self.order, self.lower_order_final = int(order), bool(lower_order_final)
 
     def options(self):
-        return {"order": self.order}
+        return {"order": self.order, "lower_order_final": self.lower_order_final}
 
     def step(self, i, x, denoise, noise):
         p, q = self.pts[i], self.pts[i + 1]
         d = denoise(x, p.t)
         e = _eps(x, d, p)
         self.hist = (self.hist + [(p.sve, e)])[-self.order:]
-        usable = [(r, ek) for r, ek in self.hist if math.isfinite(r)]
+        usable = [(r, ek) for r, ek in self.hist if math.isfinite(r)][-_order_cap(self, i):]
         if len(usable) < 2 or not math.isfinite(p.sve):
             return q.a * d.x0 + q.s * e
         us = [math.log(r) for r, _ in usable]
