@@ -412,7 +412,8 @@ def test_rescale_keeps_v_std_of_conditional(toy):
             return out
 
     guide = g.cfg(6.0) + Spy(phi=1.0)
-    steer.sample(toy.denoiser("vp-cosine", "eps"), cond=torch.arange(6) % 3, guidance=guide, steps=6, seed=0)
+    z = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    steer.sample(toy.denoiser("vp-cosine", "eps"), noise=z, cond=torch.arange(6) % 3, guidance=guide, steps=6)
     assert len(seen) == 6 and all(torch.allclose(a, b) for a, b in seen)
 
 
@@ -439,3 +440,11 @@ def test_batch_invariance(spec):
     full = steer.sample(den, noise=z, cond=labels, negative=neg, guidance=spec, solver=solver, steps=6)
     alone = steer.sample(den, noise=z[7:8], cond=labels[7:8], negative=neg[7:8], guidance=spec, solver=solver, steps=6)
     assert torch.allclose(full[7:8], alone, atol=1e-5), spec
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 0.995, 1.0])
+def test_tail_quantile_matches_torch(p):
+    from steer.guidance.cfg import _quantile
+
+    flat = torch.randn(4, 1001, generator=torch.Generator().manual_seed(3)).abs()
+    assert torch.allclose(_quantile(flat, p), torch.quantile(flat, p, dim=1), atol=1e-6)

@@ -106,6 +106,7 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
         return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
 
     state = {"nfe": 0, "passes": 0, "step": 0}
+    raw: dict = {}  # id(x0 of a branch) -> the model output it came from, for methods in the model's own space
     branch_cond = {"cond": cond, "uncond": uncond, "negative": condlib.expand(negative, batch)}
     coefs: dict[float, tuple] = {}  # t -> (α, σ, σ̄, α̇, σ̇) as floats; the grid's filled in one call
     for t, a, s, da, ds in zip(grid.tolist(), *(f(grid).tolist() for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))):
@@ -141,7 +142,12 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
         if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
         x0 = _x0(out, model.prediction, xb, a, s, da, ds)
-        return dict(zip(names, x0.chunk(k))) if k > 1 else {names[0]: x0}
+        if k == 1:
+            raw[id(x0)] = out
+            return {names[0]: x0}
+        x0s, outs = x0.chunk(k), out.chunk(k)
+        raw.update((id(a_), b_) for a_, b_ in zip(x0s, outs))
+        return dict(zip(names, x0s))
 
     def denoise(x: torch.Tensor, t: float) -> Denoised:
         if guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
@@ -156,7 +162,8 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
             x0 = _x0(out, model.prediction, x, a, s, da, ds)
             return Denoised(x0, out if model.prediction == "eps" else None)
         a, s, sigma, da, ds = at(t)
-        ctx = Ctx(x, t, sigma, a, s, da, ds, state["step"], path, lambda xs: evaluate(xs, t), model.prediction)
+        raw.clear()
+        ctx = Ctx(x, t, sigma, a, s, da, ds, state["step"], path, lambda xs: evaluate(xs, t), model.prediction, raw)
         names = guide.branches(ctx)
         preds = evaluate({n: x for n in names}, t) if names else {}
         res = guide.combine(preds, ctx)

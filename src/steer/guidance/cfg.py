@@ -26,19 +26,46 @@ def _dims(x: torch.Tensor) -> list[int]:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product, accumulated in float64 (shape [B, 1, ...])."""
+    return torch.sum(a * b, dim=_dims(a), keepdim=True, dtype=torch.float64)
+
+
+def _dot32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product in float32 (torch's cascade summation: ~1e−7 relative on 10⁶ elements)."""
     return (a * b).sum(dim=_dims(a), keepdim=True)
 
 
 def _norm(a: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(a, dim=_dims(a), keepdim=True)
+    return _dot(a, a).sqrt()
 
 
 def _project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(parallel, orthogonal) parts of v relative to ``onto``, per sample, computed in float64."""
-    v64, u64 = v.double(), onto.double()
-    u64 = u64 / _norm(u64).clamp_min(1e-300)
-    par = _dot(v64, u64) * u64
-    return par.to(v.dtype), (v64 - par).to(v.dtype)
+    """(parallel, orthogonal) parts of v relative to ``onto``, per sample; the projection coefficient
+    ``⟨v, u⟩/⟨u, u⟩`` is accumulated in float64."""
+    coef = (_dot(v, onto) / _dot(onto, onto).clamp_min(1e-300)).to(v.dtype)
+    par = coef * onto
+    return par, v - par
+
+
+def _std(a: torch.Tensor) -> torch.Tensor:
+    """Per-sample standard deviation (unbiased, as torch.std), two-pass: the mean, then centred squares."""
+    centred = a - a.mean(dim=_dims(a), keepdim=True)
+    return (_dot32(centred, centred) / (a[0].numel() - 1)).sqrt()
+
+
+def _quantile(flat: torch.Tensor, p: float) -> torch.Tensor:
+    """``torch.quantile(flat, p, dim=1)`` (linear interpolation) from the tail only, via topk."""
+    n = flat.shape[1]
+    pos = p * (n - 1)
+    lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    if p >= 0.5:
+        top = torch.topk(flat, n - lo, dim=1).values  # descending: index j is order statistic n − 1 − j
+        v_lo, v_hi = top[:, n - 1 - lo], top[:, n - 1 - hi]
+    else:
+        bot = torch.topk(flat, hi + 1, dim=1, largest=False).values
+        v_lo, v_hi = bot[:, lo], bot[:, hi]
+    return v_lo + frac * (v_hi - v_lo)
 
 
 class Modifier:
@@ -125,15 +152,18 @@ class APG(Modifier):
         if self.momentum != 0:
             self._m = delta if self._m is None else delta + self.momentum * self._m
             delta = self._m
+        cap = 1.0
         if self.rescale > 0:
-            delta = delta * torch.clamp(self.rescale / _norm(delta.float()).clamp_min(1e-12), max=1.0).to(delta.dtype)
-        par, orth = _project(delta, yc)
-        return yc + (w - 1) * (orth + self.eta * par)
+            cap = torch.clamp(self.rescale / _norm(delta).clamp_min(1e-12), max=1.0)
+        coef = _dot(delta, yc) / _dot(yc, yc).clamp_min(1e-300)  # Δ_∥ = coef · y_c
+        # y_c + (w − 1)·cap·(Δ_⊥ + η Δ_∥) with Δ_⊥ = Δ − coef·y_c, as one combination of y_c and Δ
+        k = (w - 1) * cap
+        return torch.add(yc * (1 - k * (1 - self.eta) * coef).to(yc.dtype), delta * torch.as_tensor(k).to(delta))
 
 
 class ZeroStar(Modifier):
     """CFG-Zero*'s optimised scale (Fan et al. 2025, arXiv 2503.18886), in flow-velocity space:
-    ``s* = ⟨u_c, u_u⟩ / (‖u_u‖² + 1e−8)`` per sample (float32), ``u = s* u_u + w (u_c − s* u_u)``."""
+    ``s* = ⟨u_c, u_u⟩ / (‖u_u‖² + 1e−8)`` per sample (float32, as the authors' code), ``u = s* u_u + w (u_c − s* u_u)``."""
 
     name, space = "zero_star", "flow"
 
@@ -141,9 +171,8 @@ class ZeroStar(Modifier):
         self.space = space
 
     def guide(self, yc, yu, w, ctx):
-        c32, u32 = yc.float(), yu.float()
-        s = (_dot(c32, u32) / (_dot(u32, u32) + 1e-8)).to(yc.dtype)
-        return s * yu + w * (yc - s * yu)
+        s = _dot32(yc, yu) / (_dot32(yu, yu) + 1e-8)  # float32, as the paper's code
+        return torch.add(w * yc, yu * ((1 - w) * s))  # = s* u_u + w (u_c − s* u_u)
 
 
 class TCFG(Modifier):
@@ -180,8 +209,8 @@ class MAMBO(Modifier):
 
     def guide(self, yc, yu, w, ctx):
         diff = yc - yu
-        ratio = _norm(diff.float()) / _norm(yu.float()).clamp_min(1e-12)
-        w_eff = (1.0 + (w - 1.0) * torch.exp(-self.alpha * ratio)).to(yc.dtype)
+        ratio = (_dot32(diff, diff) / _dot32(yu, yu).clamp_min(1e-24)).sqrt()
+        w_eff = 1.0 + (w - 1.0) * torch.exp(-self.alpha * ratio)
         return yu + w_eff * diff
 
 
@@ -267,7 +296,7 @@ class Adaptive(CFG):
         if not self.active(ctx):
             return preds["cond"]
         space = ctx.space_at("eps")
-        ec, eu = ctx.to(preds["cond"], space).flatten(1).float(), ctx.to(preds["uncond"], space).flatten(1).float()
+        ec, eu = ctx.pred(preds, "cond", space).flatten(1).float(), ctx.pred(preds, "uncond", space).flatten(1).float()
         cos = F.cosine_similarity(ec, eu, dim=1)
         hit = cos >= self.threshold
         self._latched = hit if self._latched is None else (self._latched | hit)
@@ -444,9 +473,9 @@ class PerpNeg(Term):
     def combine(self, preds, ctx):
         if not self.active(ctx):
             return preds["cond"]
-        yp, y0, yn = (ctx.to(preds[k], self.space) for k in ("cond", "uncond", "negative"))
+        yp, y0, yn = (ctx.pred(preds, k, self.space) for k in ("cond", "uncond", "negative"))
         dp, dn = yp - y0, yn - y0
-        coef = (_dot(dn.double(), dp.double()) / _dot(dp.double(), dp.double()).clamp_min(1e-300)).to(dp.dtype)
+        coef = (_dot(dn, dp) / _dot(dp, dp).clamp_min(1e-300)).to(dp.dtype)
         guided = y0 + self.weight(ctx) * (dp - self.neg_scale * (dn - coef * dp))
         return ctx.x0(guided, self.space)
 
@@ -471,9 +500,10 @@ class Rescale(OutputModifier):
     def apply(self, d, preds, ctx):
         if self.phi == 0:
             return d
-        y, yc = ctx.to(d, self.space), ctx.to(preds["cond"], self.space)
-        ratio = yc.std(dim=_dims(yc), keepdim=True) / y.std(dim=_dims(y), keepdim=True).clamp_min(1e-12)
-        return ctx.x0(self.phi * y * ratio + (1 - self.phi) * y, self.space)
+        space = ctx.space_at(self.space)
+        y, yc = ctx.to(d, space), ctx.pred(preds, "cond", space)
+        ratio = _std(yc) / _std(y).clamp_min(1e-12)
+        return ctx.x0(y * (self.phi * ratio + (1 - self.phi)).to(y.dtype), space)
 
     def options(self):
         return {"phi": self.phi, "space": self.space}
@@ -493,7 +523,7 @@ class DynamicThreshold(OutputModifier):
 
     def apply(self, d, preds, ctx):
         flat = d.flatten(1).float().abs()
-        s = torch.quantile(flat, self.percentile, dim=1).clamp(min=1.0, max=self.max_value)
+        s = _quantile(flat, self.percentile).clamp(min=1.0, max=self.max_value)
         s = s.reshape(-1, *([1] * (d.ndim - 1))).to(d.dtype)
         return torch.clamp(d, -s, s) / s
 

@@ -44,6 +44,15 @@ class Ctx:
     path: Path
     evaluate: Callable | None = None  # {branch: x} -> {branch: x0}; extra NFEs, counted by the loop
     prediction: str = "x0"  # the model's native output kind ("raw" space)
+    raw: dict = field(default_factory=dict)  # id(x0 tensor) -> the raw model output it was converted from
+
+    def pred(self, preds: dict, name: str, space: str) -> torch.Tensor:
+        """Branch ``name`` in ``space``: the model's own output when that is its native space, else converted."""
+        kind = self.prediction if space == "raw" else space
+        x0 = preds[name]
+        if kind == self.prediction and id(x0) in self.raw:
+            return self.raw[id(x0)]
+        return self.to(x0, space)
 
     def space_at(self, space: str) -> str:
         """``space``, or x0 where it cannot represent x0: at α = 0 every ε (or score) prediction equals x/σ, so
@@ -51,37 +60,26 @@ class Ctx:
         kind = self.prediction if space == "raw" else space
         return "x0" if self.a == 0 and kind in ("eps", "score") else space
 
+    def affine(self, space: str) -> tuple[float, float]:
+        """(A, B) with ``y = A·x + B·x̂0`` for a prediction in ``space`` at this point: ε = (x − α x̂0)/σ,
+        v = α ε − σ x̂0, flow u = α̇ x̂0 + σ̇ ε, score = −ε/σ."""
+        space = self.prediction if space == "raw" else space
+        a, s, da, ds = self.a, self.s, self.da, self.ds
+        table = {"x0": (0.0, 1.0), "eps": (1 / s, -a / s), "v": (a / s, -a * a / s - s),
+                 "flow": (ds / s, da - ds * a / s), "score": (-1 / s**2, a / s**2)}
+        if space not in table:
+            raise ValueError(f"unknown space {space!r}; allowed: raw, {', '.join(KINDS)}")
+        return table[space]
+
     def to(self, x0: torch.Tensor, space: str) -> torch.Tensor:
         """Convert an x0 prediction at this point into ``space`` (x0, eps, v, flow, score or raw)."""
-        space = self.prediction if space == "raw" else space
-        if space == "x0":
-            return x0
-        eps = (self.x - self.a * x0) / self.s
-        if space == "eps":
-            return eps
-        if space == "v":
-            return self.a * eps - self.s * x0
-        if space == "flow":
-            return self.da * x0 + self.ds * eps
-        if space == "score":
-            return -eps / self.s
-        raise ValueError(f"unknown space {space!r}; allowed: raw, {', '.join(KINDS)}")
+        A, B = self.affine(space)
+        return x0 if A == 0.0 and B == 1.0 else torch.add(x0 * B, self.x, alpha=A)
 
     def x0(self, y: torch.Tensor, space: str) -> torch.Tensor:
         """Convert a prediction in ``space`` at this point back to x0."""
-        space = self.prediction if space == "raw" else space
-        a, s, x = self.a, self.s, self.x
-        if space == "x0":
-            return y
-        if space == "eps":
-            return (x - s * y) / a
-        if space == "v":
-            return (a * x - s * y) / (a * a + s * s)
-        if space == "flow":
-            return (self.ds * x - s * y) / (self.ds * a - s * self.da)
-        if space == "score":
-            return (x + s * s * y) / a
-        raise ValueError(f"unknown space {space!r}; allowed: raw, {', '.join(KINDS)}")
+        A, B = self.affine(space)
+        return y if A == 0.0 and B == 1.0 else torch.add(y * (1 / B), self.x, alpha=-A / B)
 
 
 def _in(lo: float, hi: float, sigma: float) -> bool:
@@ -166,7 +164,7 @@ class Term(Guidance):
         if not self.active(ctx):
             return preds[self.pos]
         space = ctx.space_at(self.space)
-        yp, yn = ctx.to(preds[self.pos], space), ctx.to(preds[self.neg], space)
+        yp, yn = ctx.pred(preds, self.pos, space), ctx.pred(preds, self.neg, space)
         return ctx.x0(self.guide(yp, yn, self.weight(ctx), ctx), space)
 
     def options(self):
