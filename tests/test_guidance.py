@@ -292,7 +292,7 @@ def test_adaptive_guidance_latches_and_saves_nfe():
     den = steer.denoiser(fn, "flow", "eps")
     den.null_cond = lambda cond, b: torch.ones(b, dtype=torch.long)
     res = steer.sample(den, noise=torch.ones(2, 3), cond=torch.zeros(2, dtype=torch.long),
-                       guidance="adaptive(scale=3, threshold=0.99)", solver="euler",
+                       guidance="adaptive(scale=3, threshold=0.99, test_space='eps')", solver="euler",
                        timesteps=[0.9, 0.7, 0.5, 0.3, 0.2, 0.1], return_info=True)
     # t = 0.9, 0.7, 0.5: CFG (cos = −1); t = 0.3: cos = 1 → latch (conditional output); t = 0.2: no uncond pass
     assert calls == [4, 4, 4, 4, 2] and res.nfe == 9  # evaluations per sample
@@ -448,3 +448,99 @@ def test_tail_quantile_matches_torch(p):
 
     flat = torch.randn(4, 1001, generator=torch.Generator().manual_seed(3)).abs()
     assert torch.allclose(_quantile(flat, p), torch.quantile(flat, p, dim=1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# more methods on the exact testbed
+
+
+def test_tcfg_and_mambo_guide_within_expected_bounds(flow_run):
+    _, lp1 = flow_run(None)
+    lps = [flow_run(f"tcfg(scale={w})")[1] for w in (2, 4, 8)]
+    assert lp1 < lps[0] < lps[1] < lps[2], (lp1, lps)
+    # MAMBO-G's effective scale lies in [1, w]: its samples' class likelihood lies between no guidance and CFG(w)
+    _, lp_cfg = flow_run("cfg(scale=8)")
+    _, lp_mambo = flow_run("mambo(scale=8, alpha=2)")
+    assert lp1 < lp_mambo < lp_cfg
+
+
+def test_adaptive_x0_test_keeps_guidance_and_eps_test_latches_at_once(toy):
+    den = toy.denoiser("vp-cosine", "eps")
+    labels = torch.arange(600) % 3
+
+    def run(spec):
+        res = steer.sample(den, cond=labels, guidance=spec, steps=25, seed=0, return_info=True)
+        return res.nfe, float(toy.classifier_log_probs(res.x, 0.0, "vp-cosine").gather(1, labels[:, None]).mean())
+
+    nfe_cfg, lp_cfg = run("cfg(scale=3)")
+    nfe_none, lp_none = run(None)
+    nfe_x0, lp_x0 = run("adaptive(scale=3, threshold=0.99)")
+    nfe_eps, lp_eps = run("adaptive(scale=3, threshold=0.99, test_space='eps')")
+    assert nfe_none < nfe_x0 < nfe_cfg and lp_x0 - lp_none > 0.9 * (lp_cfg - lp_none)
+    assert nfe_eps == 26 and abs(lp_eps - lp_none) < 1e-3  # ε̂_c ≈ ε̂_u ≈ x/σ at the first step: latched at once
+
+
+def test_characteristic_moves_cfg_towards_the_tilted_target():
+    """Two 1-D classes N(±1, 0.5²); the CFG target p(x|c)^w p(x)^(1−w) (by quadrature). The CFG ODE overshoots it
+    (reference notes D5); characteristic guidance's non-linear correction lands closer in mean and spread."""
+    mix = gmm.GaussianMixture([[1.0], [-1.0]], stds=[0.5, 0.5], labels=[0, 1])
+    den = mix.denoiser("vp-linear", "eps")
+    xs = torch.linspace(-4, 5, 20001, dtype=torch.float64)[:, None]
+    w = 4.0
+    lt = w * mix.log_marginal(xs, 1.0, 0.0, torch.zeros(len(xs), dtype=torch.long)) + (1 - w) * mix.log_marginal(xs, 1.0, 0.0)
+    pt = torch.softmax(lt, 0)
+    mean = float((pt * xs[:, 0]).sum())
+    std = float((pt * (xs[:, 0] - mean) ** 2).sum().sqrt())
+    z = torch.randn(2000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(2000, dtype=torch.long)
+    x_cfg = steer.sample(den, noise=z, cond=labels, guidance=f"cfg(scale={w})", solver="dpmpp_2m", steps=40)
+    x_chg = steer.sample(den, noise=z, cond=labels, guidance=f"characteristic(scale={w})", solver="dpmpp_2m", steps=40)
+    # measured: target mean 1.06, std 0.45; CFG 1.67, 0.29; characteristic 1.58, 0.335
+    assert abs(float(x_chg.mean()) - mean) < 0.9 * abs(float(x_cfg.mean()) - mean)
+    assert abs(float(x_chg.std()) - std) < 0.8 * abs(float(x_cfg.std()) - std)
+
+
+def test_perp_neg_keeps_the_prompt_when_the_negative_overlaps_it(toy):
+    """Perp-Neg's point: only the part of the negative perpendicular to the prompt is removed. With a negative
+    identical to the prompt, Perp-Neg is plain CFG, whereas using that negative as CFG's unconditional branch
+    cancels the guidance (the conditional model alone)."""
+    den = toy.denoiser("flow", "flow")
+    labels = torch.arange(60) % 3
+    z = torch.randn(60, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    run = lambda **kw: steer.sample(den, noise=z, cond=labels, steps=12, **kw)  # noqa: E731
+    assert torch.allclose(run(guidance="perp_neg(scale=3)", negative=labels), run(guidance="cfg(scale=3)"), atol=1e-9)
+    assert torch.allclose(run(guidance="cfg(scale=3)", uncond=labels), run(guidance=None), atol=1e-9)
+    assert not torch.allclose(run(guidance="perp_neg(scale=3)", negative=(labels + 1) % 3), run(guidance="cfg(scale=3)"))
+
+
+def test_tag_amplifies_only_the_tangential_part_of_an_euler_step(toy):
+    den = toy.denoiser("flow", "flow")
+    z = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    labels = torch.arange(6) % 3
+    ts = [0.8, 0.6]
+    x0 = z * (0.8**2 + 0.2**2) ** 0.5
+    base = steer.sample(den, noise=z, cond=labels, solver="euler", timesteps=ts) - x0
+    tag = steer.sample(den, noise=z, cond=labels, solver="euler", timesteps=ts, guidance="tag(eta=1.5)") - x0
+    r = x0 / x0.norm(dim=1, keepdim=True)
+    rad = lambda d: (d * r).sum(1, keepdim=True) * r  # noqa: E731
+    assert torch.allclose(rad(tag), rad(base), atol=1e-12)
+    assert torch.allclose(tag - rad(tag), 1.5 * (base - rad(base)), atol=1e-12)
+
+
+def test_fdg_on_image_shaped_testbed():
+    mix = gmm.toy(dim=16, n_classes=3, seed=2)
+    den = mix.denoiser("flow", "flow", sample_shape=(1, 4, 4))
+    labels = torch.arange(300) % 3
+    z = torch.randn(300, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(spec):
+        x = steer.sample(den, noise=z, cond=labels, guidance=spec, steps=15)
+        return x, float(mix.classifier_log_probs(x.flatten(1), 0.0, "flow").gather(1, labels[:, None]).mean())
+
+    x_eq, _ = run("fdg(scale_low=3, scale_high=3)")
+    x_cfg, lp_cfg = run("cfg(scale=3)")
+    assert torch.allclose(x_eq, x_cfg, atol=1e-9)
+    _, lp_none = run(None)
+    _, lp_low = run("fdg(scale_low=3, scale_high=1)")
+    _, lp_high = run("fdg(scale_low=1, scale_high=3)")
+    assert lp_none < lp_low and lp_none < lp_high  # each band carries part of the guidance

@@ -272,17 +272,20 @@ class CFGPP(CFG):
 class Adaptive(CFG):
     """Adaptive Guidance (Castillo et al., AAAI 2025, "Adaptive Guidance: Training-free Acceleration of
     Conditional Diffusion Models", arXiv 2312.12487): CFG until the cosine similarity of the conditional and
-    unconditional ε predictions (per sample) reaches ``threshold``, then the conditional model alone for the rest
-    of the sampling call (a one-way latch per sample); once every sample has latched, the unconditional pass is
-    no longer evaluated. Default threshold 0.991 (reference notes §8, secondary source), w = 7.5."""
+    unconditional predictions (per sample) reaches ``threshold``, then the conditional model alone for the rest of
+    the sampling call (a one-way latch per sample); once every sample has latched, the unconditional pass is no
+    longer evaluated. ``test_space`` is where the cosine is taken: ``"x0"`` (default, as the ComfyUI
+    Adaptive-Guidance node) or ``"eps"``. At high noise every ε prediction is ≈ x/σ, so the ε test passes at once:
+    on the exact testbed (VP path, w = 3, 25 steps) it latches on the first step and removes the guidance, while the
+    x0 test keeps it (tests/test_guidance.py). Default threshold 0.991 (reference notes §8; secondary source)."""
 
     name = "adaptive"
 
-    def __init__(self, scale: float = 7.5, threshold: float = 0.991, **kwargs):
+    def __init__(self, scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", **kwargs):
         super().__init__(scale, **kwargs)
         if not -1 <= threshold <= 1:
             raise ValueError(f"adaptive threshold is a cosine similarity in [-1, 1], got {threshold}")
-        self.threshold = float(threshold)
+        self.threshold, self.test_space = float(threshold), test_space
         self._latched = None
 
     def reset(self):
@@ -295,7 +298,7 @@ class Adaptive(CFG):
     def combine(self, preds, ctx):
         if not self.active(ctx):
             return preds["cond"]
-        space = ctx.space_at("eps")
+        space = ctx.space_at(self.test_space)
         ec, eu = ctx.pred(preds, "cond", space).flatten(1).float(), ctx.pred(preds, "uncond", space).flatten(1).float()
         cos = F.cosine_similarity(ec, eu, dim=1)
         hit = cos >= self.threshold
@@ -592,10 +595,10 @@ def cfg_zero_star(scale: float = 4.0, zero_init_steps: int = 1, **kwargs) -> CFG
 
 
 @register("adaptive", family="cfg", paper="Castillo et al. 2025, Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models",
-          arxiv="2312.12487", space="ε (cosine test)", extra_nfe="+1 until every sample latches, then 0",
-          defaults_source="threshold 0.991: reference notes §8 (secondary source); w = 7.5")
-def adaptive(scale: float = 7.5, threshold: float = 0.991, **kwargs) -> Adaptive:
-    return Adaptive(scale, threshold, **kwargs)
+          arxiv="2312.12487", space="x0 cosine test (ε optional)", extra_nfe="+1 until every sample latches, then 0",
+          defaults_source="threshold 0.991: reference notes §8 (secondary source); x0 test: ComfyUI Adaptive-Guidance; w = 7.5")
+def adaptive(scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", **kwargs) -> Adaptive:
+    return Adaptive(scale, threshold, test_space, **kwargs)
 
 
 @register("tcfg", family="cfg", paper="Kwon et al. 2025, TCFG: Tangential Damping Classifier-free Guidance",
