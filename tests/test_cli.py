@@ -41,3 +41,16 @@ def test_bad_inputs_exit_2_with_message():
     assert res.exit_code == 2 and "unknown solver 'rk4'" in res.output
     res = runner.invoke(app, ["sample", "--path", "vp"])
     assert res.exit_code == 2 and "unknown path 'vp'" in res.output
+
+
+def test_methods_lists_every_guidance_method():
+    from steer.guidance import REGISTRY
+
+    res = runner.invoke(app, ["methods", "--json"])
+    assert res.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert set(rows) == set(REGISTRY) and {"cfg", "apg", "cfgpp", "cfg_zero_star", "fdg", "perp_neg"} <= set(rows)
+    assert rows["apg"]["arxiv"] == "2410.02416" and rows["apg"]["defaults"]["eta"] == 0.0
+    assert all(r["paper"] and r["space"] and r["extra_nfe"] and r["defaults_source"] for r in rows.values())
+    res = runner.invoke(app, ["methods"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "cfg_zero_star" in res.output

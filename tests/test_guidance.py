@@ -544,3 +544,11 @@ def test_fdg_on_image_shaped_testbed():
     _, lp_low = run("fdg(scale_low=3, scale_high=1)")
     _, lp_high = run("fdg(scale_low=1, scale_high=3)")
     assert lp_none < lp_low and lp_none < lp_high  # each band carries part of the guidance
+
+
+def test_cfg_scale_one_is_the_conditional_model(toy):
+    den = toy.denoiser("flow", "flow")
+    labels = torch.arange(8) % 3
+    a = steer.sample(den, cond=labels, guidance="cfg(scale=1)", steps=10, seed=0, return_info=True)
+    b = steer.sample(den, cond=labels, guidance=None, steps=10, seed=0, return_info=True)
+    assert torch.equal(a.x, b.x) and a.nfe == b.nfe == 10
