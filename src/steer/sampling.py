@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 from . import cond as condlib
-from .guidance import Ctx, Guidance, parse as parse_guidance
+from .guidance import Branch, Ctx, Guidance, parse as parse_guidance
+from .models import hooks
 from .prediction import _x0
 from .solvers import Denoised, Solver, get_solver
 
@@ -123,31 +124,47 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
             coefs[t] = (a, s, s / a if a else math.inf, float(path.d_alpha(tt)), float(path.d_sigma(tt)))
         return coefs[t]
 
+    specs = guide.branch_specs() if guide is not None else {}
+    for name, spec in specs.items():
+        if spec.model is not None and spec.model.path.name != path.name:
+            raise ValueError(f"branch {name!r} uses a model on path {spec.model.path.name!r}; the sampled model is on "
+                             f"{path.name!r}: they must share the path")
+
     def evaluate(xs: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
-        """One batched forward pass over the branches in ``xs`` (each with its own state); x0 predictions."""
+        """The branches in ``xs`` (each with its own state), one batched forward pass per network; x0 predictions.
+        Perturbed branches run on their own rows of the sampled model's batch (steer.models.hooks)."""
         a, s, sigma, da, ds = at(t)
-        names = list(xs)
-        for n in names:
-            if branch_cond.get(n) is None and n != "cond" and guide is not None:
-                raise ValueError(f"{guide!r} needs the {n!r} conditioning: pass {n}= to sample()")
-        k = len(names)
-        xb = xs[names[0]] if k == 1 else torch.cat([xs[n] for n in names])
-        tb = torch.full((xb.shape[0],), t, dtype=xb.dtype, device=xb.device)
-        cb = branch_cond[names[0]] if k == 1 else condlib.cat([branch_cond[n] for n in names])
-        out = model(xb, tb, cb)
-        state["nfe"] += k
-        state["passes"] += 1
-        if out.shape != xb.shape:
-            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
-        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-            raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
-        x0 = _x0(out, model.prediction, xb, a, s, da, ds)
-        if k == 1:
-            raw[id(x0)] = out
-            return {names[0]: x0}
-        x0s, outs = x0.chunk(k), out.chunk(k)
-        raw.update((id(a_), b_) for a_, b_ in zip(x0s, outs))
-        return dict(zip(names, x0s))
+        groups: dict[int, list[str]] = {}
+        for n in xs:
+            spec = specs.get(n, Branch(n))
+            if branch_cond.get(spec.cond) is None and spec.cond != "cond":
+                raise ValueError(f"{guide!r} needs the {spec.cond!r} conditioning: pass {spec.cond}= to sample()")
+            groups.setdefault(id(spec.model), []).append(n)
+        result: dict[str, torch.Tensor] = {}
+        for names in groups.values():
+            net = specs.get(names[0], Branch(names[0])).model or model
+            k = len(names)
+            xb = xs[names[0]] if k == 1 else torch.cat([xs[n] for n in names])
+            tb = torch.full((xb.shape[0],), t, dtype=xb.dtype, device=xb.device)
+            conds = [branch_cond[specs.get(n, Branch(n)).cond] for n in names]
+            cb = conds[0] if k == 1 else condlib.cat(conds)
+            rows = {(i * batch, (i + 1) * batch): specs[n].perturbation
+                    for i, n in enumerate(names) if n in specs and specs[n].perturbation is not None}
+            with hooks.perturb(net, rows):
+                out = net(xb, tb, cb)
+            state["nfe"] += k
+            state["passes"] += 1
+            if out.shape != xb.shape:
+                raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
+            if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+                raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
+            x0 = _x0(out, net.prediction, xb, a, s, da, ds)
+            x0s, outs = (x0.chunk(k), out.chunk(k)) if k > 1 else ((x0,), (out,))
+            for n, x0n, outn in zip(names, x0s, outs):
+                result[n] = x0n
+                if net is model:
+                    raw[id(x0n)] = outn
+        return result
 
     def denoise(x: torch.Tensor, t: float) -> Denoised:
         if guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)

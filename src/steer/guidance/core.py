@@ -106,6 +106,10 @@ class Guidance:
         """True when this evaluation needs no network output at all (CFG-Zero*'s zero-init)."""
         return False
 
+    def branch_specs(self) -> dict:
+        """Branches other than cond/uncond/negative: ``{name: Branch(cond, perturbation, model)}``."""
+        return {}
+
     def branches(self, ctx: Ctx) -> tuple[str, ...]:
         return ("cond",)
 
@@ -212,6 +216,12 @@ class Stack(Guidance):
     def reset(self):
         for p in self.parts:
             p.reset()
+
+    def branch_specs(self):
+        out = {}
+        for p in self.parts:
+            out.update(p.branch_specs())
+        return out
 
     def skip_all(self, ctx):
         return any(p.skip_all(ctx) for p in self.parts)

@@ -10,8 +10,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from .paths import Path, get_path
-from .prediction import check_kind
+from ..paths import Path, get_path
+from ..prediction import check_kind
 
 __all__ = ["Denoiser", "FunctionDenoiser", "denoiser"]
 

@@ -1,0 +1,202 @@
+"""Perturbing chosen layers of a network for chosen rows of the batch (perturbation guidance).
+
+A model that supports perturbations exposes **sites**: ``model.sites()`` returns ``{name: site}`` where each site
+is an ``AttentionSite`` (a self-attention layer) or a ``BlockSite`` (a whole transformer block). A
+**perturbation** (PAG's identity attention, SEG's query blur, TPG's token shuffle, skip-layer) acts at the sites
+whose names match its ``layers`` and only on the batch rows of its branch, so a perturbed branch runs in the same
+batched forward pass as the clean ones: ``with perturb(model, {(start, stop): perturbation}): model(x, t, c)``.
+Rows outside every range, and sites outside ``layers``, compute exactly what they would without hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Perturbation", "IdentityAttention", "SmoothedEnergy", "TokenShuffle", "SkipLayer", "AttentionSite",
+           "BlockSite", "SelfAttention", "perturb", "select_sites"]
+
+
+class Perturbation:
+    """Base class. ``layers`` are site-name patterns (fnmatch, e.g. ``"blocks.3.attn"``, ``"blocks.*.attn"``)."""
+
+    name = "perturbation"
+    site_kind = "attention"  # or "block"
+
+    def __init__(self, layers=None):
+        self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
+        if self.layers is not None and not self.layers:
+            raise ValueError(f"{self.name} needs at least one layer pattern (or None for the middle block)")
+
+    def attention(self, q, k, v, grid):
+        """Replace ``softmax(QKᵀ/√d) V`` for the perturbed rows (q, k, v: [b, heads, tokens, head_dim])."""
+        raise NotImplementedError
+
+    def block(self, fn, x):
+        """Replace ``fn(x)`` (a whole block) for the perturbed rows (x: [b, tokens, dim])."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{self.name}(layers={'mid' if self.layers is None else list(self.layers)})"
+
+
+class IdentityAttention(Perturbation):
+    """PAG (Ahn et al., ECCV 2024, arXiv 2403.17377): the attention map becomes the identity, ``SA(Q, K, V) = V``."""
+
+    name = "identity_attention"
+
+    def attention(self, q, k, v, grid):
+        return v
+
+
+class SmoothedEnergy(Perturbation):
+    """SEG (Hong, NeurIPS 2024, arXiv 2408.00760): blur the queries with a 2-D Gaussian of std ``sigma`` over the
+    token grid (kernel size ⌈6σ⌉ + 1 made odd, clipped to the grid, reflect padding); ``sigma=inf`` (or > 9999, as
+    the reference) replaces every query by the mean query."""
+
+    name = "smoothed_energy"
+
+    def __init__(self, layers, sigma: float = math.inf):
+        super().__init__(layers)
+        if sigma <= 0:
+            raise ValueError(f"seg blur sigma must be > 0 (inf for the infinite blur), got {sigma}")
+        self.sigma = float(sigma)
+
+    def attention(self, q, k, v, grid):
+        if self.sigma > 9999:
+            q = q.mean(dim=2, keepdim=True).expand_as(q)
+        else:
+            q = _blur_tokens(q, grid, self.sigma)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _blur_tokens(q: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.Tensor:
+    b, h, n, d = q.shape
+    gh, gw = grid
+    size = math.ceil(6 * sigma) + 1
+    size += 1 - size % 2
+    size = min(size, 2 * (min(gh, gw) // 2) - 1) if min(gh, gw) > 1 else 1
+    if size <= 1:
+        return q
+    x = torch.arange(size, dtype=q.dtype, device=q.device) - size // 2
+    k1 = torch.exp(-(x**2) / (2 * sigma**2))
+    k1 = k1 / k1.sum()
+    img = q.permute(0, 1, 3, 2).reshape(b * h * d, 1, gh, gw)
+    pad = size // 2
+    img = F.pad(img, (pad, pad, pad, pad), mode="reflect")
+    img = F.conv2d(F.conv2d(img, k1.reshape(1, 1, 1, -1)), k1.reshape(1, 1, -1, 1))
+    return img.reshape(b, h, d, n).permute(0, 1, 3, 2)
+
+
+class TokenShuffle(Perturbation):
+    """TPG (Rajabi et al. 2025, arXiv 2506.10036): a random permutation of the token order of the hidden states
+    entering the chosen blocks (the same permutation for every row, fresh at every call, drawn from ``seed`` so runs
+    repeat); the order is not restored."""
+
+    name = "token_shuffle"
+    site_kind = "block"
+
+    def __init__(self, layers, seed: int = 0):
+        super().__init__(layers)
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def block(self, fn, x):
+        perm = torch.randperm(x.shape[1], generator=self.gen).to(x.device)
+        return fn(x[:, perm])
+
+
+class SkipLayer(Perturbation):
+    """Skip-layer guidance (SD3.5; Stability AI): the chosen blocks are skipped (identity) for the perturbed rows."""
+
+    name = "skip_layer"
+    site_kind = "block"
+
+    def block(self, fn, x):
+        return x
+
+
+class _Site(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hooks: list[tuple[int, int, Perturbation]] = []
+
+
+class AttentionSite(_Site):
+    """Marks a self-attention layer as a perturbation site; subclasses compute q, k, v and call ``attend``."""
+
+    def attend(self, q, k, v, grid):
+        if not self.hooks:
+            return F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v).clone()
+        for start, stop, p in self.hooks:
+            out[start:stop] = p.attention(q[start:stop], k[start:stop], v[start:stop], grid)
+        return out
+
+
+class SelfAttention(AttentionSite):
+    """Multi-head self-attention over tokens [B, N, D] on a ``grid`` of N = h·w tokens (a hookable site)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, grid):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = self.attend(q, k, v, grid)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class BlockSite(_Site):
+    """Marks a block (``fn: x -> x``) as a perturbation site; subclasses implement ``inner`` and call ``run``."""
+
+    def run(self, x, *args):
+        fn = lambda h: self.inner(h, *args)  # noqa: E731
+        if not self.hooks:
+            return fn(x)
+        out = fn(x).clone()
+        for start, stop, p in self.hooks:
+            sub = tuple(a[start:stop] if isinstance(a, torch.Tensor) and a.shape[:1] == x.shape[:1] else a for a in args)
+            out[start:stop] = p.block(lambda h: self.inner(h, *sub), x[start:stop])
+        return out
+
+
+def select_sites(model, perturbation: Perturbation) -> dict[str, _Site]:
+    """The sites of ``model`` that ``perturbation`` acts on; a clear error when none match."""
+    if not hasattr(model, "sites"):
+        raise ValueError(f"{perturbation!r} needs a model with hookable layers (a .sites() method); "
+                         f"{type(model).__name__} has none")
+    kind = AttentionSite if perturbation.site_kind == "attention" else BlockSite
+    sites = {n: s for n, s in model.sites().items() if isinstance(s, kind)}
+    if perturbation.layers is None:  # the middle one, like SDXL's "mid"
+        names = list(sites)
+        return {names[len(names) // 2]: sites[names[len(names) // 2]]} if names else {}
+    chosen = {n: s for n, s in sites.items() if any(fnmatch.fnmatch(n, pat) for pat in perturbation.layers)}
+    if not chosen:
+        raise ValueError(f"{perturbation!r}: no {perturbation.site_kind} site matches {list(perturbation.layers)}; "
+                         f"available: {', '.join(sites)}")
+    return chosen
+
+
+@contextlib.contextmanager
+def perturb(model, rows: dict[tuple[int, int], Perturbation]):
+    """Apply each perturbation to its batch rows ``[start, stop)`` during the ``with`` block."""
+    touched = []
+    try:
+        for (start, stop), p in rows.items():
+            for site in select_sites(model, p).values():
+                site.hooks.append((start, stop, p))
+                touched.append(site)
+        yield
+    finally:
+        for site in touched:
+            site.hooks.clear()

@@ -1,0 +1,208 @@
+"""Perturbation guidance: hooks change only the chosen layers of only the chosen branch's rows, against hand-built
+perturbed networks; perturbed branches batched with others equal the same branch run alone; term formulas."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import steer
+from steer import guidance as g
+from steer.models import hooks
+from steer.testbeds import gmm
+from steer.testbeds.digits_net import DigitsNet
+
+
+def random_net(seed=0):
+    torch.manual_seed(seed)
+    net = DigitsNet(dim=32, depth=4, heads=2)
+    for p in net.parameters():  # leave the zero-initialised gates non-zero so every layer matters
+        torch.nn.init.normal_(p, std=0.1)
+    return net.eval()
+
+
+class NetDenoiser:
+    """A random DigitsNet as a flow-prediction Denoiser with hookable sites."""
+
+    def __init__(self, net):
+        self.net, self.path, self.prediction, self.sample_shape = net, steer.get_path("flow"), "flow", (1, 8, 8)
+
+    def sites(self):
+        return self.net.sites()
+
+    def null_cond(self, cond, batch):
+        return torch.full((batch,), 10, dtype=torch.long)
+
+    def __call__(self, x, t, cond):
+        with torch.no_grad():
+            return self.net(x, t, cond)
+
+
+X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+T = torch.full((4,), 0.6)
+Y = torch.tensor([1, 2, 3, 10])
+
+
+def hand_built(net, kind, index):
+    """A copy of ``net`` with block ``index`` perturbed by hand, without the hook machinery."""
+    net = copy.deepcopy(net)
+    block = net.blocks[index]
+    if kind == "slg":
+        block.forward = lambda x, c, grid: x
+    elif kind == "tpg":
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(7))
+        inner = block.inner
+        block.forward = lambda x, c, grid: inner(x[:, perm], c, grid)
+    else:
+        attn = block.attn
+
+        def forward(x, grid):
+            b, n, d = x.shape
+            q, k, v = attn.qkv(x).reshape(b, n, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
+            if kind == "pag":
+                out = v
+            else:  # seg with infinite blur: every query is the mean query
+                out = F.scaled_dot_product_attention(q.mean(dim=2, keepdim=True).expand_as(q), k, v)
+            return attn.proj(out.transpose(1, 2).reshape(b, n, d))
+
+        attn.forward = forward
+    return net
+
+
+@pytest.mark.parametrize("kind,perturbation", [
+    ("pag", hooks.IdentityAttention("blocks.2.attn")),
+    ("seg", hooks.SmoothedEnergy("blocks.2.attn")),
+    ("slg", hooks.SkipLayer("blocks.2")),
+    ("tpg", hooks.TokenShuffle("blocks.2", seed=7)),
+])
+def test_hook_changes_only_chosen_layer_and_rows(kind, perturbation):
+    net = random_net()
+    with torch.no_grad():
+        clean = net(X, T, Y)
+        with hooks.perturb(net, {(2, 4): perturbation}):
+            hooked = net(X, T, Y)
+        by_hand = hand_built(net, kind, 2)(X, T, Y)
+    assert torch.equal(hooked[:2], clean[:2])  # other rows: untouched
+    assert torch.allclose(hooked[2:], by_hand[2:], atol=1e-6)  # chosen rows: the hand-built network
+    assert (hooked[2:] - clean[2:]).abs().max() > 1e-3
+    assert net.blocks[2].hooks == [] and net.blocks[2].attn.hooks == []  # removed after the call
+
+
+def test_middle_block_default_and_pattern_errors():
+    net = random_net()
+    assert list(hooks.select_sites(net, hooks.IdentityAttention())) == ["blocks.2.attn"]
+    assert list(hooks.select_sites(net, hooks.SkipLayer())) == ["blocks.2"]
+    assert list(hooks.select_sites(net, hooks.IdentityAttention("blocks.*.attn"))) == [f"blocks.{i}.attn" for i in range(4)]
+    with pytest.raises(ValueError, match="no attention site matches .*available: blocks.0.attn"):
+        hooks.select_sites(net, hooks.IdentityAttention("mid_block"))
+    with pytest.raises(ValueError, match="needs a model with hookable layers"):
+        hooks.select_sites(object(), hooks.IdentityAttention())
+
+
+def test_seg_finite_blur_matches_a_hand_gaussian():
+    """σ = 1 on the 4×4 grid: kernel size ⌈6σ⌉+1 = 7 clipped to 3, weights ∝ exp(−x²/2), reflect padding."""
+    q = torch.randn(1, 1, 16, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    w = torch.tensor([math.exp(-0.5), 1.0, math.exp(-0.5)], dtype=torch.float64)
+    w = w / w.sum()
+    img = q.reshape(4, 4)
+    pad = F.pad(img[None, None], (1, 1, 1, 1), mode="reflect")[0, 0]
+    expect = torch.zeros(4, 4, dtype=torch.float64)
+    for i in range(4):
+        for j in range(4):
+            expect[i, j] = sum(w[a] * w[b] * pad[i + a, j + b] for a in range(3) for b in range(3))
+    got = hooks._blur_tokens(q, (4, 4), 1.0)
+    assert torch.allclose(got.reshape(4, 4), expect, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["pag(scale=3)", "seg(scale=3)", "slg(scale=3)", "tpg(scale=3)"])
+def test_perturbed_branch_batched_equals_alone(spec):
+    den = NetDenoiser(random_net())
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 5, 9])
+    method = g.parse(spec)
+    name = method.neg
+    pert = method.branch_specs()[name].perturbation
+    if isinstance(pert, hooks.TokenShuffle):
+        pert.gen.manual_seed(0)
+    t = torch.full((3,), 0.5)
+    with torch.no_grad():
+        xb = torch.cat([x, x, x])
+        cb = torch.cat([labels, torch.full((3,), 10), labels])
+        with hooks.perturb(den.net, {(6, 9): pert}):
+            batched = den.net(xb, t.repeat(3), cb)
+        if isinstance(pert, hooks.TokenShuffle):
+            pert.gen.manual_seed(0)
+        with hooks.perturb(den.net, {(0, 3): pert}):
+            alone = den.net(x, t, labels)
+        clean = den.net(x, t, labels)
+    assert torch.allclose(batched[6:], alone, atol=1e-6)
+    assert torch.allclose(batched[:3], clean, atol=1e-6)
+
+
+def test_term_formulas_by_hand():
+    ctx = g.Ctx(torch.zeros(1, 2), 0.5, 1.0, 0.5, 0.5, -1.0, 1.0, 0, steer.get_path("flow"))
+    preds = {"cond": torch.tensor([[1.0, 2.0]]), "uncond": torch.tensor([[0.0, 1.0]]), "pag": torch.tensor([[0.5, 0.0]])}
+    # pag alone, w = 3: D_c + 2 (D_c − D_p) = (1 + 1, 2 + 4)
+    assert torch.allclose(g.pag(3.0).combine(preds, ctx), torch.tensor([[2.0, 6.0]]))
+    # cfg(2) + pag(3): D_u + 2 (D_c − D_u) + 2 (D_c − D_p) = (0 + 2 + 1, 1 + 2 + 4)
+    assert torch.allclose((g.cfg(2.0) + g.pag(3.0)).combine(preds, ctx), torch.tensor([[3.0, 7.0]]))
+    with pytest.raises(ValueError, match="same branch pair"):
+        g.pag(3.0) + g.pag(2.0)
+
+
+def test_cfg_plus_pag_runs_three_branches_in_one_pass():
+    calls = []
+    den = NetDenoiser(random_net())
+    inner = den.__call__
+
+    class Spy(NetDenoiser):
+        def __call__(self, x, t, cond):
+            calls.append((x.shape[0], [s for s, site in self.net.sites().items() if site.hooks]))
+            return inner(x, t, cond)
+
+    spy = Spy(den.net)
+    res = steer.sample(spy, cond=torch.tensor([1, 2]), guidance="cfg(scale=2) + pag(scale=3)", steps=5, seed=0,
+                       return_info=True)
+    assert res.nfe == 15 and res.forward_passes == 5
+    assert all(b == 6 and hooked == ["blocks.2.attn"] for b, hooked in calls)
+
+
+def test_pag_interval_skips_the_perturbed_pass():
+    den = NetDenoiser(random_net())
+    res = steer.sample(den, cond=torch.tensor([1]), guidance="pag(scale=3, sigma_lo=0.5, sigma_hi=2)", steps=10,
+                       seed=0, return_info=True)
+    grid = den.path.default_grid(10)
+    sig = den.path.sigma_ve(grid[:-1])
+    assert res.nfe == 10 + int(((sig > 0.5) & (sig <= 2)).sum())
+
+
+def test_autoguidance_one_step_by_hand():
+    """Euler from t = 0.8 to 0.5 with D = D_0 + w (D_1 − D_0): main = the exact mixture, guide = the same mixture
+    with doubled widths (a 'worse' model), both conditional, the guide in its own forward pass."""
+    main = gmm.toy(dim=2)
+    worse = gmm.GaussianMixture(main.means, covs=main.covs * 4, weights=torch.softmax(main.log_weights, 0), labels=main.labels)
+    d1, d0 = main.denoiser("flow", "flow"), worse.denoiser("flow", "flow")
+    z = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(5) % 3
+    res = steer.sample(d1, noise=z, cond=labels, guidance=g.autoguidance(2.5, guide=d0), solver="euler",
+                       timesteps=[0.8, 0.5], return_info=True)
+    x = z * math.hypot(0.2, 0.8)
+    m1, m0 = main.posterior_mean(x, 0.2, 0.8, labels), worse.posterior_mean(x, 0.2, 0.8, labels)
+    d = m0 + 2.5 * (m1 - m0)
+    assert torch.allclose(res.x, 0.5 * d + 0.5 * (x - 0.2 * d) / 0.8, atol=1e-12)
+    assert res.nfe == 2 and res.forward_passes == 2
+
+
+def test_autoguidance_needs_a_guide_on_the_same_path():
+    main = gmm.toy(dim=2)
+    with pytest.raises(ValueError, match="autoguidance needs guide="):
+        g.autoguidance(2.0)
+    with pytest.raises(ValueError, match="must share the path"):
+        steer.sample(main.denoiser("flow", "flow"), cond=torch.tensor([0]),
+                     guidance=g.autoguidance(2.0, guide=main.denoiser("vp-cosine", "eps")))
+
+
+def test_perturbation_on_a_model_without_sites_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a model with hookable layers"):
+        steer.sample(gmm.toy(dim=2).denoiser("flow", "flow"), cond=torch.tensor([0]), guidance="pag(scale=3)", steps=3)
