@@ -206,3 +206,55 @@ def test_autoguidance_needs_a_guide_on_the_same_path():
 def test_perturbation_on_a_model_without_sites_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a model with hookable layers"):
         steer.sample(gmm.toy(dim=2).denoiser("flow", "flow"), cond=torch.tensor([0]), guidance="pag(scale=3)", steps=3)
+
+
+def test_nag_blend_by_hand():
+    p = hooks.NormalizedAttention(scale=3.0, tau=1.5, alpha=0.5)
+    zp, zn = torch.tensor([[[1.0, -1.0]]]), torch.tensor([[[0.0, 1.0]]])
+    # Z̃ = 3 Z⁺ − 2 Z⁻ = (3, −5); ρ = 8/2 = 4 > τ: Ẑ = Z̃ · 1.5/4; Z = ½ Ẑ + ½ Z⁺
+    expect = 0.5 * torch.tensor([3.0, -5.0]) * 1.5 / 4 + 0.5 * torch.tensor([1.0, -1.0])
+    assert torch.allclose(p.blend(zp, zn), expect)
+    assert torch.allclose(hooks.NormalizedAttention(scale=1.0).blend(zp, zn), zp)  # φ = 1: identity
+
+
+def test_nag_changes_only_the_positive_rows_and_is_identity_at_scale_one():
+    den = NetDenoiser(random_net())
+    labels = torch.tensor([1, 2])
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    plain = steer.sample(den, noise=z, cond=labels, steps=4)
+    same = steer.sample(den, noise=z, cond=labels, guidance="nag(scale=1)", steps=4, return_info=True)
+    assert torch.allclose(same.x, plain, atol=1e-5) and same.nfe == 4  # φ = 1 is inactive: no negative pass
+    moved = steer.sample(den, noise=z, cond=labels, guidance="nag(scale=5)", steps=4)
+    assert (moved - plain).abs().max() > 1e-3
+    # the positive rows under NAG, by hand: blend each attention layer's outputs of the two rows, same batch
+    net = den.net
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    with torch.no_grad(), hooks.perturb(net, {(0, 1): hooks.NormalizedAttention("blocks.*.attn", 4.0)}, {(0, 1): (1, 2)}):
+        hooked = net(x, t, torch.tensor([3, 10]))
+    with torch.no_grad():
+        clean = net(x, t, torch.tensor([3, 10]))
+    assert torch.equal(hooked[1], clean[1]) and (hooked[0] - clean[0]).abs().max() > 1e-4
+
+
+def test_sag_scale_one_is_the_base_and_costs_one_sequential_pass():
+    den = NetDenoiser(random_net())
+    labels = torch.tensor([1, 2])
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    base = steer.sample(den, noise=z, cond=labels, guidance="cfg(scale=2)", steps=4)
+    res = steer.sample(den, noise=z, cond=labels, guidance="cfg(scale=2) + sag(scale=1)", steps=4, return_info=True)
+    assert torch.allclose(res.x, base, atol=1e-5)
+    res = steer.sample(den, noise=z, cond=labels, guidance="cfg(scale=2) + sag(scale=1.75)", steps=4, return_info=True)
+    assert res.nfe == 4 * 3 and res.forward_passes == 8  # cond+uncond in one pass, the degraded input in a second
+    assert (res.x - base).abs().max() > 1e-4
+
+
+def test_sag_mask_from_received_attention():
+    from steer.guidance.perturbation import _grid_of
+
+    assert _grid_of(16, (8, 8)) == (4, 4) and _grid_of(8, (4, 8)) == (2, 4)
+    probs = torch.full((1, 2, 4, 4), 0.25)  # uniform attention: every token receives exactly 1.0 → no mask
+    probs[:, :, :, 0] += 0.1
+    probs[:, :, :, 1] -= 0.1  # token 0 receives 1.4, token 1 receives 0.6
+    received = probs.mean(1).sum(1)
+    assert torch.allclose(received, torch.tensor([[1.4, 0.6, 1.0, 1.0]]))
+    assert ((received > 1.0).tolist()) == [[True, False, False, False]]

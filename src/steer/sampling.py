@@ -150,7 +150,10 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
             cb = conds[0] if k == 1 else condlib.cat(conds)
             rows = {(i * batch, (i + 1) * batch): specs[n].perturbation
                     for i, n in enumerate(names) if n in specs and specs[n].perturbation is not None}
-            with hooks.perturb(net, rows):
+            refs = {(i * batch, (i + 1) * batch): (names.index(specs[n].reference) * batch,
+                                                   (names.index(specs[n].reference) + 1) * batch)
+                    for i, n in enumerate(names) if n in specs and specs[n].reference in names}
+            with hooks.perturb(net, rows, refs):
                 out = net(xb, tb, cb)
             state["nfe"] += k
             state["passes"] += 1

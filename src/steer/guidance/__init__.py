@@ -8,11 +8,11 @@ from .core import REGISTRY, Ctx, Guidance, OutputModifier, Stack, Term, interval
 from .cfg import (APG, CFG, CFGPP, FDG, MAMBO, TAG, TCFG, Adaptive, CFGZeroStar, Characteristic, DynamicThreshold,
                   PerpNeg, Rescale, ZeroStar, adaptive, apg, cfg, cfg_rescale, cfg_zero_star, cfgpp, characteristic,
                   dynamic_threshold, fdg, mambo, perp_neg, tag, tcfg)
-from .perturbation import Autoguidance, Branch, Perturbed, autoguidance, pag, seg, slg, tpg
+from .perturbation import NAG, SAG, Autoguidance, Branch, Perturbed, autoguidance, nag, pag, sag, seg, slg, tpg
 from .schedules import SCHEDULES, get_schedule
 
 __all__ = ["REGISTRY", "Ctx", "Guidance", "OutputModifier", "Stack", "Term", "interval", "parse", "APG", "CFG",
            "CFGPP", "FDG", "MAMBO", "TAG", "TCFG", "Adaptive", "CFGZeroStar", "Characteristic", "DynamicThreshold",
            "PerpNeg", "Rescale", "ZeroStar", "adaptive", "apg", "cfg", "cfg_rescale", "cfg_zero_star", "cfgpp",
            "characteristic", "dynamic_threshold", "fdg", "mambo", "perp_neg", "tag", "tcfg", "SCHEDULES",
-           "get_schedule", "Autoguidance", "Branch", "Perturbed", "autoguidance", "pag", "seg", "slg", "tpg"]
+           "get_schedule", "Autoguidance", "Branch", "Perturbed", "autoguidance", "pag", "seg", "slg", "tpg", "NAG", "SAG", "nag", "sag"]

@@ -27,6 +27,7 @@ class Branch:
     cond: str = "cond"
     perturbation: hooks.Perturbation | None = None
     model: Any = None  # None: the sampled model
+    reference: str | None = None  # a branch whose rows the perturbation reads (NAG's negative), same batch
 
 
 class Perturbed(Term):
@@ -109,3 +110,120 @@ def slg(scale: float = 3.5, layers=None, **kwargs) -> Perturbed:
           defaults_source="w = 2.1: paper Table 1 (EDM2-S, XS guide, FID)")
 def autoguidance(scale: float = 2.1, guide=None, **kwargs) -> Autoguidance:
     return Autoguidance(scale, guide, **kwargs)
+
+
+class NAG(Term):
+    """Normalized attention guidance (Chen et al., NeurIPS 2025, "Normalized Attention Guidance: Universal Negative
+    Guidance for Diffusion Models", arXiv 2505.21179): negative guidance inside the chosen attention layers
+    (``hooks.NormalizedAttention``) instead of on the output. The positive branch runs with its attention outputs
+    extrapolated away from the negative branch's (the ``uncond`` conditioning, or ``negative`` with
+    ``use_negative=True``) in the same batched pass; the result is the positive branch's prediction, so it works at
+    CFG scale 1. Here the layers are self-attention (the digits network has no cross-attention), as ComfyUI's
+    NAGuidance does for joint-attention models. Defaults φ = 5, τ = 1.5, α = 0.5 (ComfyUI); L1 norm (the paper).
+    Cost: +1 NFE (the negative branch)."""
+
+    name, neg, space = "nag", "nag", "x0"
+
+    def __init__(self, scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers=None, use_negative: bool = False,
+                 **kwargs):
+        super().__init__(scale, **kwargs)
+        self.perturbation = hooks.NormalizedAttention(layers or "*.attn", scale, tau, alpha)
+        self.ref = "negative" if use_negative else "uncond"
+
+    def branch_specs(self):
+        return {"nag": Branch("cond", self.perturbation, None, self.ref)}
+
+    def branches(self, ctx):
+        return ("nag", self.ref) if self.active(ctx) else ("cond",)
+
+    def combine(self, preds, ctx):
+        return preds["nag"] if self.active(ctx) else preds["cond"]
+
+    def options(self):
+        return {"scale": self.scale, "tau": self.perturbation.tau, "alpha": self.perturbation.alpha}
+
+
+class SAG(Term):
+    """Self-attention guidance (Hong et al., ICCV 2023, "Improving Sample Quality of Diffusion Models Using
+    Self-Attention Guidance", arXiv 2210.00939). The unconditional pass (the conditional one without CFG) records the
+    self-attention of the chosen layer; tokens whose received attention (mean over heads, summed over queries) exceeds
+    1 form a mask M (nearest-upsampled to the image); the prediction is degraded there,
+    ``x̃0 = M ⊙ blur(x̂0) + (1 − M) ⊙ x̂0``, re-noised with the same noise estimate, ``x̃_t = α x̃0 + σ ε̂``, and
+    evaluated again: ``D = D_guided + (w − 1)(x̃0 − D(x̃_t))`` (ComfyUI's denoised form; the paper's s = w − 1).
+    Gaussian blur of ``blur_sigma`` with a 9-tap kernel. ``source="cond"`` uses the conditional branch (guidance
+    without CFG). Defaults s = 0.75 (w = 1.75) and σ = 1 (the diffusers SAG pipeline, from the paper's code).
+    Cost: +1 NFE, a second sequential pass (plus the unconditional pass when it is not already run for CFG)."""
+
+    name, neg, space = "sag", "sag", "x0"
+
+    def __init__(self, scale: float = 1.75, blur_sigma: float = 1.0, layers=None, source: str = "uncond", **kwargs):
+        super().__init__(scale, **kwargs)
+        if source not in ("uncond", "cond"):
+            raise ValueError(f"sag source must be 'uncond' (with CFG) or 'cond' (without), got {source!r}")
+        self.blur_sigma, self.source = float(blur_sigma), source
+        self.recorder = hooks.RecordAttention(layers)
+
+    def branch_specs(self):  # the recorder rides on the source branch itself: no extra rows for it
+        return {self.source: Branch(self.source, self.recorder), "sag_eval": Branch(self.source)}
+
+    def branches(self, ctx):
+        return ("cond", self.source) if self.active(ctx) and self.source != "cond" else ("cond",)
+
+    def combine(self, preds, ctx):
+        import torch
+
+        if not self.active(ctx):
+            return preds["cond"]
+        d_src = preds[self.source]
+        maps = self.recorder.maps  # [B, heads, tokens, tokens] of the source rows
+        received = maps.mean(1).sum(1)  # attention each token receives
+        b, n = received.shape
+        x = ctx.x
+        grid = _grid_of(n, x.shape[-2:])
+        mask = (received > 1.0).float().reshape(b, 1, *grid)
+        mask = torch.nn.functional.interpolate(mask, size=x.shape[-2:], mode="nearest").to(x.dtype)
+        degraded = mask * _gaussian_blur(d_src, self.blur_sigma) + (1 - mask) * d_src
+        eps = (x - ctx.a * d_src) / ctx.s
+        x_deg = ctx.a * degraded + ctx.s * eps
+        d_again = ctx.evaluate({"sag_eval": x_deg})["sag_eval"]
+        return preds["cond"] + (self.weight(ctx) - 1) * (degraded - d_again)
+
+    def options(self):
+        return {"scale": self.scale, "blur_sigma": self.blur_sigma}
+
+
+def _grid_of(n_tokens: int, size) -> tuple[int, int]:
+    h, w = size
+    for gh in range(1, n_tokens + 1):
+        if n_tokens % gh == 0 and gh * w == (n_tokens // gh) * h:
+            return gh, n_tokens // gh
+    raise ValueError(f"cannot fit {n_tokens} attention tokens on a {h}×{w} image")
+
+
+def _gaussian_blur(x, sigma: float, size: int = 9):
+    import torch
+    import torch.nn.functional as F
+
+    r = torch.arange(size, dtype=x.dtype, device=x.device) - size // 2
+    k = torch.exp(-(r**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    pad = size // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    y = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    y = F.conv2d(y, k.reshape(1, 1, 1, -1).expand(c, 1, 1, size), groups=c)
+    return F.conv2d(y, k.reshape(1, 1, -1, 1).expand(c, 1, size, 1), groups=c)
+
+
+@register("nag", family="perturbation", paper="Chen et al. 2025, Normalized Attention Guidance: Universal Negative Guidance for Diffusion Models",
+          arxiv="2505.21179", space="attention outputs", extra_nfe="+1 (the negative branch)", needs_hooks=True,
+          defaults_source="φ = 5, τ = 1.5, α = 0.5: ComfyUI NAGuidance; all attention layers")
+def nag(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers=None, use_negative: bool = False, **kwargs) -> NAG:
+    return NAG(scale, tau, alpha, layers, use_negative, **kwargs)
+
+
+@register("sag", family="perturbation", paper="Hong et al. 2023, Improving Sample Quality of Diffusion Models Using Self-Attention Guidance",
+          arxiv="2210.00939", space="x0", extra_nfe="+1 (sequential)", needs_hooks=True,
+          defaults_source="s = 0.75 (w = 1.75), blur σ = 1: the diffusers SAG pipeline; layer: the middle block")
+def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers=None, source: str = "uncond", **kwargs) -> SAG:
+    return SAG(scale, blur_sigma, layers, source, **kwargs)

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Perturbation", "IdentityAttention", "SmoothedEnergy", "TokenShuffle", "SkipLayer", "AttentionSite",
+__all__ = ["Perturbation", "IdentityAttention", "SmoothedEnergy", "TokenShuffle", "SkipLayer", "NormalizedAttention",
+           "RecordAttention", "AttentionSite",
            "BlockSite", "SelfAttention", "perturb", "select_sites"]
 
 
@@ -120,10 +121,46 @@ class SkipLayer(Perturbation):
         return x
 
 
+class NormalizedAttention(Perturbation):
+    """NAG (Chen et al., NeurIPS 2025, "Normalized Attention Guidance", arXiv 2505.21179), in the form of ComfyUI's
+    NAGuidance for self-attention: with ``Z⁺`` the attention output of the perturbed (positive) rows and ``Z⁻``
+    that of the reference (negative) rows, ``Z̃ = φ Z⁺ − (φ − 1) Z⁻``, ``ρ = ‖Z̃‖₁/‖Z⁺‖₁`` per token,
+    ``Ẑ = Z̃ min(ρ, τ)/ρ``, ``Z = α Ẑ + (1 − α) Z⁺``."""
+
+    name = "normalized_attention"
+    needs_reference = True
+
+    def __init__(self, layers=None, scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5):
+        super().__init__(layers)
+        self.scale, self.tau, self.alpha = float(scale), float(tau), float(alpha)
+
+    def blend(self, z_pos, z_neg):
+        z = self.scale * z_pos - (self.scale - 1) * z_neg
+        rho = z.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+        z_hat = z * torch.clamp(rho, max=self.tau) / rho.clamp_min(1e-12)
+        return self.alpha * z_hat + (1 - self.alpha) * z_pos
+
+
+class RecordAttention(Perturbation):
+    """Leaves the output unchanged and keeps the attention probabilities ``softmax(QKᵀ/√d)`` of its rows
+    (``.maps``: [b, heads, tokens, tokens]) for SAG."""
+
+    name = "record_attention"
+
+    def __init__(self, layers=None):
+        super().__init__(layers)
+        self.maps = None
+
+    def attention(self, q, k, v, grid):
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        self.maps = probs
+        return probs @ v
+
+
 class _Site(nn.Module):
     def __init__(self):
         super().__init__()
-        self.hooks: list[tuple[int, int, Perturbation]] = []
+        self.hooks: list[tuple] = []  # (start, stop, perturbation[, reference rows (start, stop)])
 
 
 class AttentionSite(_Site):
@@ -132,9 +169,16 @@ class AttentionSite(_Site):
     def attend(self, q, k, v, grid):
         if not self.hooks:
             return F.scaled_dot_product_attention(q, k, v)
-        out = F.scaled_dot_product_attention(q, k, v).clone()
-        for start, stop, p in self.hooks:
-            out[start:stop] = p.attention(q[start:stop], k[start:stop], v[start:stop], grid)
+        clean = F.scaled_dot_product_attention(q, k, v)
+        out = clean.clone()
+        for start, stop, p, *ref in self.hooks:
+            if ref:  # NAG: blend with the reference rows' outputs (heads merged into the feature dim per token)
+                r0, r1 = ref[0]
+                zp, zn = clean[start:stop].transpose(1, 2), clean[r0:r1].transpose(1, 2)
+                shape = zp.shape
+                out[start:stop] = p.blend(zp.flatten(2), zn.flatten(2)).reshape(shape).transpose(1, 2)
+            else:
+                out[start:stop] = p.attention(q[start:stop], k[start:stop], v[start:stop], grid)
         return out
 
 
@@ -164,7 +208,7 @@ class BlockSite(_Site):
         if not self.hooks:
             return fn(x)
         out = fn(x).clone()
-        for start, stop, p in self.hooks:
+        for start, stop, p, *_ in self.hooks:
             sub = tuple(a[start:stop] if isinstance(a, torch.Tensor) and a.shape[:1] == x.shape[:1] else a for a in args)
             out[start:stop] = p.block(lambda h: self.inner(h, *sub), x[start:stop])
         return out
@@ -188,13 +232,18 @@ def select_sites(model, perturbation: Perturbation) -> dict[str, _Site]:
 
 
 @contextlib.contextmanager
-def perturb(model, rows: dict[tuple[int, int], Perturbation]):
-    """Apply each perturbation to its batch rows ``[start, stop)`` during the ``with`` block."""
+def perturb(model, rows: dict[tuple[int, int], Perturbation], refs: dict[tuple[int, int], tuple[int, int]] | None = None):
+    """Apply each perturbation to its batch rows ``[start, stop)`` during the ``with`` block; ``refs`` gives the
+    reference rows of perturbations that need them (NAG's negative branch)."""
     touched = []
+    refs = refs or {}
     try:
         for (start, stop), p in rows.items():
+            if getattr(p, "needs_reference", False) and (start, stop) not in refs:
+                raise ValueError(f"{p!r} needs reference rows (its negative branch) in the same batch")
+            hook = (start, stop, p, refs[(start, stop)]) if (start, stop) in refs else (start, stop, p)
             for site in select_sites(model, p).values():
-                site.hooks.append((start, stop, p))
+                site.hooks.append(hook)
                 touched.append(site)
         yield
     finally:
