@@ -173,6 +173,61 @@ def _save_atomic(path: FilePath, array) -> None:
         raise
 
 
+testbed_app = typer.Typer(help="Testbed models: train the digits checkpoints.", no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+TESTBEDS = ("digits",)
+
+
+@testbed_app.command("train")
+def testbed_train(
+    testbed: str = typer.Argument(..., help=f"Testbed to train: one of {', '.join(TESTBEDS)}."),
+    seed: int = typer.Option(0, help="Random seed (the same seed reproduces the weights on one machine)."),
+    out: Optional[FilePath] = typer.Option(None, help="Directory for the weights and manifest.json "
+                                           "(default: the package's steer/testbeds/weights)."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated subset of eps, flow, flow-weak, classifier "
+                                       "(the manifest keeps the other entries)."),
+    smoke: bool = typer.Option(False, "--smoke", hidden=True, help="Tiny networks, a few steps (for tests)."),
+):
+    """Train the testbed's checkpoints (digits: eps, flow, flow-weak, classifier), writing each file atomically."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .testbeds import digits
+
+    if testbed not in TESTBEDS:
+        _fail(f"unknown testbed {testbed!r}; allowed: {', '.join(TESTBEDS)}")
+    names = digits.NAMES if only is None else tuple(s.strip() for s in only.split(",") if s.strip())
+    bad = [n for n in names if n not in digits.NAMES]
+    if bad or not names:
+        _fail(f"unknown checkpoint(s) {', '.join(map(repr, bad)) or '(none given)'}; allowed: {', '.join(digits.NAMES)}")
+    recipes = digits.tiny_recipes() if smoke else digits.RECIPES
+    weights_dir = out if out is not None else digits.WEIGHTS_DIR
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console) as prog:
+        tasks = {n: prog.add_task(n, total=recipes[n].iters, loss=float("nan")) for n in digits.TRAIN_ORDER
+                 if n in names}
+
+        def cb(name, k, total, loss):
+            if k % 10 == 0 or k == total:
+                prog.update(tasks[name], completed=k, loss=loss)
+
+        try:
+            entries = digits.train_all(weights_dir, seed=seed, names=names, recipes=recipes, callback=cb)
+        except OSError as e:
+            _fail(f"could not write the weights to {weights_dir}: {e}")
+    table = Table(title=f"digits checkpoints in {weights_dir} ({time.perf_counter() - t0:.0f} s)")
+    for col in ("name", "model", "params", "steps", "seconds", "MB", "result"):
+        table.add_column(col)
+    for name, e in entries.items():
+        model = "classifier" if "metrics" in e else f"{e['prediction']} on {e['path']}"
+        result = (f"held-out accuracy {e['metrics']['held_out_accuracy']:.2%}" if "metrics" in e
+                  else f"loss {e['final_loss_avg']:.4f}")
+        table.add_row(name, model, f"{e['params']:,}", str(e["recipe"]["iters"]), f"{e['train_seconds']:.0f}",
+                      f"{e['bytes'] / 1e6:.2f}", result)
+    console.print(table)
+
+
 def main():  # pragma: no cover
     app()
 
