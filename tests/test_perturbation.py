@@ -277,3 +277,32 @@ def test_every_perturbation_method_runs_on_the_shipped_digits_model(spec, min_ac
         acc = accuracy(clf(res.x), labels)
     assert torch.isfinite(res.x).all() and acc >= min_acc, acc
     assert res.nfe > 8  # the extra branch ran
+
+
+def test_nag_hook_matches_a_hand_built_network():
+    """Row 0 under NAG with row 1 as its negative equals a copy of the network whose every attention layer blends
+    row 0's output with row 1's by the paper's formula, written out here."""
+    net = random_net()
+    phi, tau, alpha = 4.0, 1.5, 0.5
+    x, t, y = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.tensor([3, 10])
+    manual = copy.deepcopy(net)
+    for block in manual.blocks:
+        attn = block.attn
+
+        def forward(h, grid, attn=attn):
+            b, n, d = h.shape
+            q, k, v = attn.qkv(h).reshape(b, n, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
+            z = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)  # [rows, tokens, features]
+            zp, zn = z[0], z[1]
+            zt = phi * zp - (phi - 1) * zn
+            rho = zt.abs().sum(-1, keepdim=True) / zp.abs().sum(-1, keepdim=True)
+            zh = zt * torch.clamp(rho, max=tau) / rho
+            z = torch.stack([alpha * zh + (1 - alpha) * zp, zn])
+            return attn.proj(z)
+
+        attn.forward = forward
+    with torch.no_grad():
+        with hooks.perturb(net, {(0, 1): hooks.NormalizedAttention("blocks.*.attn", phi, tau, alpha)}, {(0, 1): (1, 2)}):
+            hooked = net(x, t, y)
+        expect = manual(x, t, y)
+    assert torch.allclose(hooked[0], expect[0], atol=1e-5)
