@@ -96,121 +96,121 @@ def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, gui
         if not hasattr(model, "null_cond"):
             raise ValueError(f"{guide!r} needs an unconditional branch: pass uncond= (this model has no null_cond)")
         uncond = model.null_cond(cond, batch)
-    uncond = condlib.expand(uncond, batch)
     if guide is not None:
         guide.reset()
         if guide.needs_renoise and not solver.supports_renoise:
             raise ValueError(f"{guide!r} re-noises with its own estimate, which solver {solver.name!r} cannot use; "
                              "use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
+    conds = {"cond": cond, "uncond": condlib.expand(uncond, batch), "negative": condlib.expand(negative, batch)}
+    ev = _Evaluator(model, guide, grid, conds, batch)
 
     def randn(like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
 
-    state = {"nfe": 0, "passes": 0, "step": 0}
-    raw: dict = {}  # id(x0 of a branch) -> the model output it came from, for methods in the model's own space
-    branch_cond = {"cond": cond, "uncond": uncond, "negative": condlib.expand(negative, batch)}
-    coefs: dict[float, tuple] = {}  # t -> (α, σ, σ̄, α̇, σ̇) as floats; the grid's filled in one call
-    for t, a, s, da, ds in zip(grid.tolist(), *(f(grid).tolist() for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))):
-        if a > 0 or model.prediction not in ("eps", "score"):
-            coefs[t] = (a, s, s / a if a else math.inf, da, ds)
-
-    def at(t: float) -> tuple:
-        if t not in coefs:
-            tt = torch.tensor(t, dtype=torch.float64)
-            a, s = float(path.alpha(tt)), float(path.sigma(tt))
-            if a == 0 and model.prediction in ("eps", "score"):
-                raise NonFiniteError(f"cannot recover x0 from a {model.prediction!r} prediction at t={t:.6g} where "
-                                     "alpha = 0: start the grid below t=1 or use a model predicting flow, v or x0")
-            coefs[t] = (a, s, s / a if a else math.inf, float(path.d_alpha(tt)), float(path.d_sigma(tt)))
-        return coefs[t]
-
-    specs = guide.branch_specs() if guide is not None else {}
-    for name, spec in specs.items():
-        if spec.model is not None and spec.model.path.name != path.name:
-            raise ValueError(f"branch {name!r} uses a model on path {spec.model.path.name!r}; the sampled model is on "
-                             f"{path.name!r}: they must share the path")
-
-    def evaluate(xs: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
-        """The branches in ``xs`` (each with its own state), one batched forward pass per network; x0 predictions.
-        Perturbed branches run on their own rows of the sampled model's batch (steer.models.hooks)."""
-        a, s, sigma, da, ds = at(t)
-        groups: dict[int, list[str]] = {}
-        for n in xs:
-            spec = specs.get(n, Branch(n))
-            if branch_cond.get(spec.cond) is None and spec.cond != "cond":
-                raise ValueError(f"{guide!r} needs the {spec.cond!r} conditioning: pass {spec.cond}= to sample()")
-            groups.setdefault(id(spec.model), []).append(n)
-        result: dict[str, torch.Tensor] = {}
-        for names in groups.values():
-            net = specs.get(names[0], Branch(names[0])).model or model
-            k = len(names)
-            xb = xs[names[0]] if k == 1 else torch.cat([xs[n] for n in names])
-            tb = torch.full((xb.shape[0],), t, dtype=xb.dtype, device=xb.device)
-            conds = [branch_cond[specs.get(n, Branch(n)).cond] for n in names]
-            cb = conds[0] if k == 1 else condlib.cat(conds)
-            rows = {(i * batch, (i + 1) * batch): specs[n].perturbation
-                    for i, n in enumerate(names) if n in specs and specs[n].perturbation is not None}
-            refs = {(i * batch, (i + 1) * batch): (names.index(specs[n].reference) * batch,
-                                                   (names.index(specs[n].reference) + 1) * batch)
-                    for i, n in enumerate(names) if n in specs and specs[n].reference in names}
-            with hooks.perturb(net, rows, refs):
-                out = net(xb, tb, cb)
-            state["nfe"] += k
-            state["passes"] += 1
-            if out.shape != xb.shape:
-                raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
-            if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-                raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
-            x0 = _x0(out, net.prediction, xb, a, s, da, ds)
-            x0s, outs = (x0.chunk(k), out.chunk(k)) if k > 1 else ((x0,), (out,))
-            for n, x0n, outn in zip(names, x0s, outs):
-                result[n] = x0n
-                if net is model:
-                    raw[id(x0n)] = outn
-        return result
-
-    def denoise(x: torch.Tensor, t: float) -> Denoised:
-        if guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
-            a, s, sigma, da, ds = at(t)
-            out = model(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), cond)
-            state["nfe"] += 1
-            state["passes"] += 1
-            if out.shape != x.shape:
-                raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; they must match")
-            if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # the sum is the cheap check
-                raise NonFiniteError(f"model returned NaN or inf at step {state['step']} (t={t:.6g}, sigma={sigma:.6g})")
-            x0 = _x0(out, model.prediction, x, a, s, da, ds)
-            return Denoised(x0, out if model.prediction == "eps" else None)
-        a, s, sigma, da, ds = at(t)
-        raw.clear()
-        ctx = Ctx(x, t, sigma, a, s, da, ds, state["step"], path, lambda xs: evaluate(xs, t), model.prediction, raw)
-        names = guide.branches(ctx)
-        preds = evaluate({n: x for n in names}, t) if names else {}
-        res = guide.combine(preds, ctx)
-        return res if isinstance(res, Denoised) else Denoised(res)
-
-    p0 = grid[0]
-    x = noise * float(torch.sqrt(path.alpha(p0) ** 2 + path.sigma(p0) ** 2))
+    x = noise * float(torch.sqrt(path.alpha(grid[0]) ** 2 + path.sigma(grid[0]) ** 2))
     solver.start(path, grid)
     traj = [x] if keep_trajectory else []
-    n_steps = len(grid) - 1
-    bar = _progress(n_steps) if progress else None
+    bar = _progress(len(grid) - 1) if progress else None
     try:
-        for i in range(n_steps):
-            state["step"] = i
-            x = solver.step(i, x, denoise, randn)
+        for i in range(len(grid) - 1):
+            ev.step = i
+            x = solver.step(i, x, ev.denoise, randn)
             if keep_trajectory:
                 traj.append(x)
             if callback is not None:
-                callback(StepInfo(i, float(grid[i]), float(path.sigma_ve(grid[i])), x, state["nfe"]))
+                callback(StepInfo(i, float(grid[i]), float(path.sigma_ve(grid[i])), x, ev.nfe))
             if bar is not None:
                 bar[0].update(bar[1], advance=1)
     finally:
         if bar is not None:
             bar[0].stop()
-    if not return_info:
-        return x
-    return SampleResult(x, state["nfe"], state["passes"], grid, traj)
+    return SampleResult(x, ev.nfe, ev.passes, grid, traj) if return_info else x
+
+
+class _Evaluator:
+    """The loop's model evaluations: path coefficients per time, branches batched into one forward pass per
+    network (perturbed branches on their own rows, steer.models.hooks), conversion to x0, guidance, NFE counts."""
+
+    def __init__(self, model, guide: Guidance | None, grid: torch.Tensor, conds: dict, batch: int):
+        self.model, self.guide, self.conds, self.batch = model, guide, conds, batch
+        self.path = model.path
+        self.nfe = self.passes = self.step = 0
+        self.raw: dict = {}  # id(x0 of a branch) -> the model output it came from (methods in the model's own space)
+        self.coefs: dict[float, tuple] = {}  # t -> (α, σ, σ̄, α̇, σ̇) as floats; the grid's filled in one call
+        p = self.path
+        for t, a, s, da, ds in zip(grid.tolist(), *(f(grid).tolist() for f in (p.alpha, p.sigma, p.d_alpha, p.d_sigma))):
+            if a > 0 or model.prediction not in ("eps", "score"):
+                self.coefs[t] = (a, s, s / a if a else math.inf, da, ds)
+        self.specs = guide.branch_specs() if guide is not None else {}
+        for name, spec in self.specs.items():
+            if spec.model is not None and spec.model.path.name != p.name:
+                raise ValueError(f"branch {name!r} uses a model on path {spec.model.path.name!r}; the sampled model "
+                                 f"is on {p.name!r}: they must share the path")
+
+    def at(self, t: float) -> tuple:
+        if t not in self.coefs:
+            tt = torch.tensor(t, dtype=torch.float64)
+            a, s = float(self.path.alpha(tt)), float(self.path.sigma(tt))
+            if a == 0 and self.model.prediction in ("eps", "score"):
+                raise NonFiniteError(f"cannot recover x0 from a {self.model.prediction!r} prediction at t={t:.6g} "
+                                     "where alpha = 0: start the grid below t=1 or use a model predicting flow, v or x0")
+            self.coefs[t] = (a, s, s / a if a else math.inf, float(self.path.d_alpha(tt)), float(self.path.d_sigma(tt)))
+        return self.coefs[t]
+
+    def _forward(self, net, xb, t: float, cb, rows=None, refs=None) -> torch.Tensor:
+        tb = torch.full((xb.shape[0],), t, dtype=xb.dtype, device=xb.device)
+        if rows:
+            with hooks.perturb(net, rows, refs):
+                out = net(xb, tb, cb)
+        else:
+            out = net(xb, tb, cb)
+        self.passes += 1
+        if out.shape != xb.shape:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # the sum is the cheap check
+            raise NonFiniteError(f"model returned NaN or inf at step {self.step} (t={t:.6g}, sigma={self.at(t)[2]:.6g})")
+        return out
+
+    def evaluate(self, xs: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+        """x0 predictions of the branches in ``xs`` (each with its own state), one forward pass per network."""
+        a, s, _, da, ds = self.at(t)
+        spec = lambda n: self.specs.get(n, Branch(n))  # noqa: E731
+        groups: dict[int, list[str]] = {}
+        for n in xs:
+            if self.conds.get(spec(n).cond) is None and spec(n).cond != "cond":
+                raise ValueError(f"{self.guide!r} needs the {spec(n).cond!r} conditioning: pass {spec(n).cond}= to sample()")
+            groups.setdefault(id(spec(n).model), []).append(n)
+        result: dict[str, torch.Tensor] = {}
+        b = self.batch
+        for names in groups.values():
+            net, k = spec(names[0]).model or self.model, len(names)
+            xb = xs[names[0]] if k == 1 else torch.cat([xs[n] for n in names])
+            cb = self.conds[spec(names[0]).cond] if k == 1 else condlib.cat([self.conds[spec(n).cond] for n in names])
+            rows = {(i * b, (i + 1) * b): spec(n).perturbation for i, n in enumerate(names) if spec(n).perturbation}
+            refs = {(i * b, (i + 1) * b): (names.index(spec(n).reference) * b, (names.index(spec(n).reference) + 1) * b)
+                    for i, n in enumerate(names) if spec(n).reference in names}
+            out = self._forward(net, xb, t, cb, rows, refs)
+            self.nfe += k
+            x0 = _x0(out, net.prediction, xb, a, s, da, ds)
+            for n, x0n, outn in zip(names, x0.chunk(k), out.chunk(k)):
+                result[n] = x0n
+                if net is self.model:
+                    self.raw[id(x0n)] = outn
+        return result
+
+    def denoise(self, x: torch.Tensor, t: float) -> Denoised:
+        """What a solver calls: the (guided) x0 at ``(x, t)``."""
+        a, s, sigma, da, ds = self.at(t)
+        if self.guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
+            out = self._forward(self.model, x, t, self.conds["cond"])
+            self.nfe += 1
+            return Denoised(_x0(out, self.model.prediction, x, a, s, da, ds), out if self.model.prediction == "eps" else None)
+        self.raw.clear()
+        ctx = Ctx(x, t, sigma, a, s, da, ds, self.step, self.path, lambda xs: self.evaluate(xs, t),
+                  self.model.prediction, self.raw)
+        names = self.guide.branches(ctx)
+        res = self.guide.combine(self.evaluate({n: x for n in names}, t) if names else {}, ctx)
+        return res if isinstance(res, Denoised) else Denoised(res)
 
 
 def _progress(total: int):
