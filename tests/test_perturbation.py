@@ -306,3 +306,22 @@ def test_nag_hook_matches_a_hand_built_network():
             hooked = net(x, t, y)
         expect = manual(x, t, y)
     assert torch.allclose(hooked[0], expect[0], atol=1e-5)
+
+
+def test_tpg_repeats_across_sampling_calls():
+    """The token permutations come from ``seed`` anew at every sampling call, so the same call gives the same sample."""
+    den = NetDenoiser(random_net())
+    guide = g.tpg(scale=2.0, seed=3)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = steer.sample(den, noise=z, cond=torch.tensor([1, 2]), guidance=guide, steps=4)
+    b = steer.sample(den, noise=z, cond=torch.tensor([1, 2]), guidance=guide, steps=4)
+    assert torch.equal(a, b)
+
+
+def test_default_layers_on_a_model_without_that_kind_of_site_is_an_error():
+    class BlocksOnly:
+        def sites(self):
+            return {name: site for name, site in random_net().sites().items() if not name.endswith("attn")}
+
+    with pytest.raises(ValueError, match="has no attention sites"):
+        hooks.select_sites(BlocksOnly(), hooks.IdentityAttention())

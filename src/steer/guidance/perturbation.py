@@ -39,6 +39,9 @@ class Perturbed(Term):
         super().__init__(scale, **kwargs)
         self.name, self.neg, self.perturbation = name, name, perturbation
 
+    def reset(self):
+        self.perturbation.reset()
+
     def branch_specs(self):
         return {self.name: Branch("cond", self.perturbation)}
 

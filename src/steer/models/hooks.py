@@ -34,6 +34,9 @@ class Perturbation:
         if self.layers is not None and not self.layers:
             raise ValueError(f"{self.name} needs at least one layer pattern (or None for the middle block)")
 
+    def reset(self) -> None:
+        """Called at the start of every sampling call (restarts any random stream)."""
+
     def attention(self, q, k, v, grid):
         """Replace ``softmax(QKᵀ/√d) V`` for the perturbed rows (q, k, v: [b, heads, tokens, head_dim])."""
         raise NotImplementedError
@@ -104,7 +107,11 @@ class TokenShuffle(Perturbation):
 
     def __init__(self, layers, seed: int = 0):
         super().__init__(layers)
-        self.gen = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    def reset(self):
+        self.gen.manual_seed(self.seed)
 
     def block(self, fn, x):
         perm = torch.randperm(x.shape[1], generator=self.gen).to(x.device)
@@ -222,8 +229,10 @@ def select_sites(model, perturbation: Perturbation) -> dict[str, _Site]:
     kind = AttentionSite if perturbation.site_kind == "attention" else BlockSite
     sites = {n: s for n, s in model.sites().items() if isinstance(s, kind)}
     if perturbation.layers is None:  # the middle one, like SDXL's "mid"
+        if not sites:
+            raise ValueError(f"{perturbation!r}: {type(model).__name__} has no {perturbation.site_kind} sites")
         names = list(sites)
-        return {names[len(names) // 2]: sites[names[len(names) // 2]]} if names else {}
+        return {names[len(names) // 2]: sites[names[len(names) // 2]]}
     chosen = {n: s for n, s in sites.items() if any(fnmatch.fnmatch(n, pat) for pat in perturbation.layers)}
     if not chosen:
         raise ValueError(f"{perturbation!r}: no {perturbation.site_kind} site matches {list(perturbation.layers)}; "
