@@ -1,12 +1,14 @@
 """steer: inference-time steering of diffusion and flow-matching models."""
 
 from . import paths, prediction
+from .core import NonFiniteError
 from .models import Denoiser, denoiser
 from .paths import get_path
-from .sampling import NonFiniteError, SampleResult, sample
+from .sampling import SampleResult, Sampler, Step, sample, sampler
 from .solvers import SOLVERS, get_solver
+from .testbeds import digits as _digits  # noqa: F401  (registers the digits models by name)
 
 __version__ = "0.1.0"
 
-__all__ = ["sample", "denoiser", "Denoiser", "get_path", "get_solver", "SOLVERS", "SampleResult",
-           "NonFiniteError", "paths", "prediction"]
+__all__ = ["sample", "sampler", "Sampler", "Step", "denoiser", "Denoiser", "get_path", "get_solver", "SOLVERS",
+           "SampleResult", "NonFiniteError", "paths", "prediction"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cat", "batch_size", "expand"]
+__all__ = ["cat", "batch_size", "expand", "take"]
 
 
 def cat(conds: list):
@@ -53,4 +53,15 @@ def expand(cond, n: int):
         return {k: expand(v, n) for k, v in cond.items()}
     if isinstance(cond, (list, tuple)):
         return type(cond)(expand(v, n) for v in cond)
+    return cond
+
+
+def take(cond, index: torch.Tensor):
+    """The rows ``index`` of a condition (repeats allowed); entries without a batch pass through."""
+    if isinstance(cond, torch.Tensor):
+        return cond.index_select(0, index.to(cond.device)) if cond.ndim else cond
+    if isinstance(cond, dict):
+        return {k: take(v, index) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(take(v, index) for v in cond)
     return cond

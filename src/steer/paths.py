@@ -52,14 +52,14 @@ class Path:
         t = _f64(t)
         return self.log_alpha(t) - torch.log(self.sigma(t))
 
-    def sigma_ve(self, t) -> torch.Tensor:
+    def sigma_bar(self, t) -> torch.Tensor:
         """The path-independent noise level ``σ̄ = σ/α = exp(−λ)``."""
         return torch.exp(-self.lam(t))
 
     def t_from_lambda(self, lam) -> torch.Tensor:
         raise NotImplementedError
 
-    def t_from_sigma_ve(self, s) -> torch.Tensor:
+    def t_from_sigma_bar(self, s) -> torch.Tensor:
         s = _f64(s)
         return self.t_from_lambda(-torch.log(s))
 
@@ -69,9 +69,9 @@ class Path:
     def d_sigma(self, t) -> torch.Tensor:
         raise NotImplementedError
 
-    def sigma_ve_range(self) -> tuple[float, float]:
+    def sigma_bar_range(self) -> tuple[float, float]:
         """(σ̄_min, σ̄_max) the model covers: the default range of Karras and log-SNR grids."""
-        return float(self.sigma_ve(self.t_min)), float(self.sigma_ve(self.t_max_finite))
+        return float(self.sigma_bar(self.t_min)), float(self.sigma_bar(self.t_max_finite))
 
     t_max_finite: float = 1.0  # largest t with finite λ
 
@@ -96,12 +96,20 @@ class VP(Path):
         self.alphas_cumprod = torch.from_numpy(ac)
         self._knots_t = torch.from_numpy(np.arange(0, self.T + 1, dtype=np.float64) / self.T)
         self._knots_la = torch.from_numpy(np.concatenate([[0.0], 0.5 * np.log(ac)]))
+        self._on: dict = {}  # device -> (knots_t, knots_la) there, so t can live on any device
         self.t_min = 1.0 / self.T
         self.t_max_finite = 1.0
 
+    def _knots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device.type == "cpu":
+            return self._knots_t, self._knots_la
+        if device not in self._on:
+            self._on[device] = (self._knots_t.to(device), self._knots_la.to(device))
+        return self._on[device]
+
     def log_alpha(self, t):
         t = _f64(t)
-        kt, kl = self._knots_t, self._knots_la
+        kt, kl = self._knots(t.device)
         i = torch.clamp(torch.searchsorted(kt, t.reshape(-1).contiguous(), right=True) - 1, 0, self.T - 1)
         t0, t1, l0, l1 = kt[i], kt[i + 1], kl[i], kl[i + 1]
         out = l0 + (l1 - l0) * (t.reshape(-1) - t0) / (t1 - t0)
@@ -109,7 +117,7 @@ class VP(Path):
 
     def _slope(self, t):
         t = _f64(t)
-        kt, kl = self._knots_t, self._knots_la
+        kt, kl = self._knots(t.device)
         i = torch.clamp(torch.searchsorted(kt, t.reshape(-1).contiguous(), right=True) - 1, 0, self.T - 1)
         return ((kl[i + 1] - kl[i]) / (kt[i + 1] - kt[i])).reshape(t.shape)
 
@@ -119,7 +127,7 @@ class VP(Path):
     def t_from_lambda(self, lam):
         lam = _f64(lam)
         la = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2 * lam)  # log α for α² + σ² = 1
-        kt, kl = self._knots_t, self._knots_la  # kl decreasing
+        kt, kl = self._knots(lam.device)  # kl decreasing
         x = la.reshape(-1)
         j = torch.clamp(torch.searchsorted(-kl, (-x).contiguous(), right=True) - 1, 0, self.T - 1)
         t = kt[j] + (x - kl[j]) * (kt[j + 1] - kt[j]) / (kl[j + 1] - kl[j])
@@ -257,13 +265,13 @@ def karras(path: Path, steps: int, sigma_min: float | None = None, sigma_max: fl
            rho: float = 7.0, append_zero: bool = True) -> torch.Tensor:
     """Karras et al. (arXiv 2206.00364) ρ-spacing in σ̄; with ``append_zero`` the last step goes to σ = 0."""
     _check_steps(steps)
-    lo, hi = path.sigma_ve_range()
+    lo, hi = path.sigma_bar_range()
     sigma_min = lo if sigma_min is None else sigma_min
     sigma_max = hi if sigma_max is None else sigma_max
     n = steps if append_zero else steps + 1
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = path.t_from_sigma_ve(s)
+    t = path.t_from_sigma_bar(s)
     return torch.cat([t, t.new_zeros(1)]) if append_zero else t
 
 

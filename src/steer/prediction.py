@@ -14,7 +14,7 @@ from .paths import Path
 
 KINDS = ("eps", "x0", "v", "flow", "score")
 
-__all__ = ["KINDS", "convert", "to_x0", "to_eps", "check_kind"]
+__all__ = ["KINDS", "convert", "check_kind"]
 
 
 def check_kind(kind: str) -> str:
@@ -25,7 +25,7 @@ def check_kind(kind: str) -> str:
 
 def _coefs(path: Path, t, x: torch.Tensor):
     """(α, σ, α̇, σ̇) at t, shaped to broadcast against x (float64 math, cast to x's dtype)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     shape = (-1,) + (1,) * (x.ndim - 1)
@@ -60,18 +60,6 @@ def _eps(y, kind, x, a, s, da=None, ds=None):
     if kind == "score":
         return -s * y
     raise ValueError(check_kind(kind))
-
-
-def to_x0(y: torch.Tensor, kind: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:
-    if kind == "x0":
-        return y
-    return _x0(y, kind, x, *_coefs(path, t, x))
-
-
-def to_eps(y: torch.Tensor, kind: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:
-    if kind == "eps":
-        return y
-    return _eps(y, kind, x, *_coefs(path, t, x))
 
 
 def convert(y: torch.Tensor, src: str, dst: str, x: torch.Tensor, t, path: Path) -> torch.Tensor:

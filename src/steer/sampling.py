@@ -1,4 +1,11 @@
-"""The sampling loop: plan branches → one batched evaluation → combine → solver step → callbacks."""
+"""The sampling loop: plan branches → one batched evaluation → combine → solver step.
+
+``sampler(...)`` is the open loop, an iterator over steps whose whole state (``x``, the solver's state, the guidance
+state, the conditionings and per-item generators) can be read, replaced and reindexed between steps;
+``sample(...)`` runs it to the end. The loop runs without autograd (only a branch that asks for gradients builds a
+graph, and only for its own evaluation), on the device and in the dtype of the noise, draws noise per item when
+seeded per item, and checks once per step that the state is finite, naming who made the first NaN or inf.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +16,31 @@ from typing import Callable
 import torch
 
 from . import cond as condlib
-from .guidance import Branch, Ctx, Guidance, parse as parse_guidance
+from .core import Branch, Ctx, Denoised, NonFiniteError, TimePoint, points, take
+from .guidance import Guidance, parse as parse_guidance
 from .models import hooks
-from .prediction import _x0
-from .solvers import Denoised, Solver, get_solver
+from .solvers import Solver, get_solver
 
-__all__ = ["sample", "SampleResult", "StepInfo", "NonFiniteError"]
-
-
-class NonFiniteError(FloatingPointError):
-    """The model returned NaN or inf."""
+__all__ = ["sample", "sampler", "Sampler", "Step", "SampleResult", "NonFiniteError"]
 
 
 @dataclass
-class StepInfo:
-    step: int
-    t: float
-    sigma: float  # σ̄ = σ/α at the start of the step
+class Step:
+    """One finished step of the open loop."""
+
+    i: int
+    t: float  # the time the step started from
+    sigma: float  # σ̄ = σ/α there (k-diffusion's σ)
     x: torch.Tensor  # the state after the step
-    nfe: int
+    x0: torch.Tensor  # the guided x̂0 the step used (its first evaluation)
+    nfe: int  # network evaluations per sample so far
+
+    @property
+    def step(self) -> int:
+        return self.i
+
+
+StepInfo = Step
 
 
 @dataclass
@@ -39,12 +52,312 @@ class SampleResult:
     trajectory: list = field(default_factory=list)
 
 
+def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, guidance=None, negative=None,
+           solver: "str | Solver" = "dpmpp_2m", steps: int = 25, timesteps=None, seed=None, generator=None,
+           device=None, dtype=None, shape=None, progress: bool = False, callback: Callable | None = None,
+           return_info: bool = False, keep_trajectory: bool = False):
+    """Sample from ``model`` (a Denoiser) with optional guidance; the arguments are those of ``sampler``.
+
+    ``callback(step)`` is called after every step with a ``Step``; when it returns a tensor, that tensor replaces
+    the state. Returns the sample, or a ``SampleResult`` with NFE counts (and the states after every step with
+    ``keep_trajectory=True``) when ``return_info=True``.
+    """
+    it = sampler(model, noise, cond, uncond, guidance, negative, solver, steps, timesteps, seed, generator, device,
+                 dtype, shape, progress)
+    traj = [it.x] if keep_trajectory else []
+    for step in it:
+        if callback is not None:
+            new = callback(step)
+            if isinstance(new, torch.Tensor):
+                it.x = new
+        if keep_trajectory:
+            traj.append(it.x)
+    return SampleResult(it.x, it.nfe, it.passes, it.timesteps, traj) if return_info else it.x
+
+
+def sampler(model, noise: torch.Tensor | None = None, cond=None, uncond=None, guidance=None, negative=None,
+            solver: "str | Solver" = "dpmpp_2m", steps: int = 25, timesteps=None, seed=None, generator=None,
+            device=None, dtype=None, shape=None, progress: bool = False) -> "Sampler":
+    """The open sampling loop: an iterator over the steps of sampling ``model`` (a Denoiser).
+
+    ``noise`` is a standard normal draw (batch first); the loop starts from ``x = sqrt(α² + σ²)·noise`` at the
+    first grid time (diffusers' ``init_noise_sigma``: 1 for VP and flow at t = 1, ``sqrt(σ_max² + 1)`` for EDM).
+    Without ``noise`` it is drawn with ``shape`` (default: the batch of ``cond`` times ``model.sample_shape``).
+    ``device`` and ``dtype`` default to the noise's, else the model's parameters', else the CPU and float32.
+    Randomness (the noise and the noise of stochastic solvers): ``generator`` is a ``torch.Generator`` (one stream
+    for the batch, as diffusers) or a list of one per item; ``seed`` an int (one CPU generator: the same numbers on
+    every device) or a list of ints (one CPU generator per item). With one generator or seed per item, an item's
+    sample does not depend on the batch it is in. Neither: torch's global generator.
+
+    ``timesteps`` is an explicit decreasing list of t values that overrides ``steps``. ``guidance`` is ``None``
+    (the conditional model alone), a spec string such as ``"cfg(scale=4)"`` or a guidance object; ``uncond`` is
+    the unconditional (or negative) conditioning, default ``model.null_cond(cond)`` where the model has one;
+    ``negative`` is a separate negative conditioning for methods that use three branches (``perp_neg``).
+
+    Iterating yields a ``Step`` (``i, t, sigma, x, x0, nfe``) after each step. Between steps, ``it.x`` may be
+    replaced and ``it.resample(index)`` reorders or repeats the rows of the whole state; after the loop ``it.x`` is
+    the sample::
+
+        it = steer.sampler(model, cond=labels, guidance="cfg(3)", steps=25, seed=0)
+        for step in it:
+            if step.i % 5 == 0:
+                print(step.i, step.sigma, step.x0.std().item())
+        x = it.x
+    """
+    return Sampler(model, noise, cond, uncond, guidance, negative, solver, steps, timesteps, seed, generator,
+                   device, dtype, shape, progress)
+
+
+class Sampler:
+    """The state of one sampling call and the iterator over its steps (see ``sampler``)."""
+
+    def __init__(self, model, noise, cond, uncond, guidance, negative, solver, steps, timesteps, seed, generator,
+                 device, dtype, shape, progress):
+        self.model, self.path = model, model.path
+        self.solver = get_solver(solver)
+        self.guide: Guidance | None = parse_guidance(guidance)
+        self.timesteps = _grid(model, steps, timesteps)
+        self.progress = progress
+        noise, self.gens = _noise_and_generators(model, noise, cond, shape, seed, generator, device, dtype)
+        batch = noise.shape[0]
+        n_cond = condlib.batch_size(cond)
+        if n_cond is not None and n_cond not in (1, batch):
+            raise ValueError(f"cond has batch {n_cond} but noise has batch {batch}; they must match (or cond batch 1)")
+        cond = condlib.expand(cond, batch)
+        if self.guide is not None and uncond is None:
+            if not hasattr(model, "null_cond"):
+                raise ValueError(f"{self.guide!r} needs an unconditional branch: pass uncond= (this model has no null_cond)")
+            uncond = model.null_cond(cond, batch)
+        for name, c in (("uncond", uncond), ("negative", negative)):
+            n = condlib.batch_size(c)
+            if n is not None and n not in (1, batch):
+                raise ValueError(f"{name} has batch {n} but noise has batch {batch}; they must match (or batch 1)")
+        if self.guide is not None:
+            self.guide.reset()
+            self.guide.prepare(noise.device)
+            if self.guide.needs_renoise and not self.solver.supports_renoise:
+                raise ValueError(f"{self.guide!r} re-noises with its own estimate, which solver {self.solver.name!r} "
+                                 "cannot use; use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
+        conds = {"cond": cond, "uncond": condlib.expand(uncond, batch), "negative": condlib.expand(negative, batch)}
+        self.ev = _Evaluator(model, self.guide, self.path, conds, batch)
+        self.ev.record("noise", noise)
+        p0 = points(self.path, self.timesteps[:1])[0]
+        self.x = noise * math.sqrt(p0.alpha**2 + p0.sigma**2)
+        self.solver_state = self.solver.init(self.path, self.timesteps)
+        self.i = 0
+
+    @property
+    def nfe(self) -> int:
+        return self.ev.nfe
+
+    @property
+    def passes(self) -> int:
+        return self.ev.passes
+
+    def __setattr__(self, name, value):
+        if name == "x" and getattr(self, "x", None) is not None:
+            if not isinstance(value, torch.Tensor) or value.shape != self.x.shape:
+                raise ValueError(f"the new x must be a tensor of shape {tuple(self.x.shape)}, got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        super().__setattr__(name, value)
+
+    def __iter__(self):
+        n = len(self.timesteps) - 1
+        bar = _progress(n) if self.progress else None
+        pending = None
+        try:
+            while self.i < n:
+                i, ev = self.i, self.ev
+                ev.step, ev.first_x0 = i, None
+                with torch.no_grad():
+                    x, self.solver_state = self.solver.step(i, self.x, self.solver_state, ev.denoise, self._noise)
+                    ev.record("solver", x)
+                    done = ev.close_step()
+                if pending is not None:  # check the previous step now that this one is queued: one sync per step
+                    _raise_first_nonfinite(*pending)
+                pending = done
+                if i == n - 1:
+                    _raise_first_nonfinite(*pending)
+                self.x, self.i = x, i + 1
+                if bar is not None:
+                    bar[0].update(bar[1], advance=1)
+                p = self.solver_state["pts"][i]
+                yield Step(i, p.t, p.sigma_bar, x, ev.first_x0, ev.nfe)
+        finally:
+            if bar is not None:
+                bar[0].stop()
+
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        return _randn(like.shape, self.gens, like.device, like.dtype)
+
+    def resample(self, index) -> None:
+        """Reorder or repeat the rows of the whole sampler state by ``index`` (a 1-D integer tensor of row numbers,
+        repeats allowed): ``x``, the solver's history, the guidance state, the conditionings and per-item
+        generators. A repeated row's copies continue with independent random streams."""
+        index = torch.as_tensor(index)
+        if index.ndim != 1 or index.dtype.is_floating_point or index.dtype == torch.bool or len(index) == 0:
+            raise ValueError(f"resample needs a non-empty 1-D integer tensor of row numbers, got {index.dtype} of "
+                             f"shape {tuple(index.shape)}")
+        rows = index.cpu()
+        b = self.x.shape[0]
+        if int(rows.min()) < 0 or int(rows.max()) >= b:
+            raise ValueError(f"resample rows must lie in 0..{b - 1}, got {int(rows.min())}..{int(rows.max())}")
+        index = index.to(self.x.device)
+        super().__setattr__("x", take(self.x, index))
+        self.solver_state = take(self.solver_state, index)
+        ev = self.ev
+        ev.gstate = take(ev.gstate, index)
+        ev.conds = {k: condlib.take(c, index) for k, c in ev.conds.items()}
+        ev.batch = len(index)
+        if isinstance(self.gens, list):
+            self.gens = _fork(self.gens, rows.tolist(), self.i)
+
+
+class _Evaluator:
+    """The loop's model evaluations: path coefficients per time, branches batched into one forward pass per
+    network (perturbed branches on their own rows, steer.models.hooks; branches that need gradients in a pass of
+    their own), conversion to x0, guidance, NFE counts, and the tensors to blame for a NaN."""
+
+    def __init__(self, model, guide: Guidance | None, path, conds: dict, batch: int):
+        self.model, self.guide, self.path, self.conds, self.batch = model, guide, path, conds, batch
+        self.nfe = self.passes = self.step = 0
+        self.first_x0 = None
+        self.gstate: dict = {}  # the guidance state (APG momentum, Adaptive latch), keyed by its owner
+        self.raw: dict = {}  # id(x0 of a branch) -> the model output it came from (methods in the model's own space)
+        self.inputs: dict = {}  # grad branches: name -> input leaf
+        self.pts: dict[float, TimePoint] = {}
+        self.tvec: dict = {}
+        self.records: list = []  # (who, tensor) made during the current step, in order
+        self.specs = guide.branch_specs() if guide is not None else {}
+        for name, spec in self.specs.items():
+            if spec.model is not None and spec.model.path.name != path.name:
+                raise ValueError(f"branch {name!r} uses a model on path {spec.model.path.name!r}; the sampled model "
+                                 f"is on {path.name!r}: they must share the path")
+
+    def record(self, who, tensor) -> None:
+        self.records.append((who, tensor))
+
+    def close_step(self):
+        """A flag (on the device, no sync) that the step's state is finite, with the step's records."""
+        x = self.records[-1][1]
+        records, self.records = self.records, []
+        return _finite(x), records, self.step
+
+    def point(self, t: float) -> TimePoint:
+        if t not in self.pts:
+            p = points(self.path, [t])[0]
+            if p.alpha == 0 and self.model.prediction in ("eps", "score"):
+                raise NonFiniteError(f"cannot recover x0 from a {self.model.prediction!r} prediction at t={t:.6g} "
+                                     "where alpha = 0: start the grid below t=1 or use a model predicting flow, v or x0")
+            self.pts[t] = p
+        return self.pts[t]
+
+    def _t(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        """t for a batch like x, in float32 (float64 for float64 states), cached per time and batch."""
+        key = (t, x.shape[0], x.device, x.dtype == torch.float64)
+        if key not in self.tvec:
+            self.tvec[key] = torch.full((x.shape[0],), t, device=x.device,
+                                        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return self.tvec[key]
+
+    def _forward(self, net, xb, p: TimePoint, cb, names, rows=None, refs=None) -> torch.Tensor:
+        if rows:
+            with hooks.perturb(net, rows, refs):
+                out = net(xb, self._t(p.t, xb), cb)
+        else:
+            out = net(xb, self._t(p.t, xb), cb)
+        self.passes += 1
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the model returned a {type(out).__name__}; a Denoiser must return one tensor shaped like "
+                            "its input (a diffusers model: return model(...).sample or model(..., return_dict=False)[0])")
+        if out.shape != xb.shape:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
+        self.record(("model", self.step, p.sigma_bar, names), out)
+        return out
+
+    def evaluate(self, xs: dict[str, torch.Tensor], p: TimePoint) -> dict[str, torch.Tensor]:
+        """x0 predictions of the branches in ``xs`` (each with its own state), one forward pass per network."""
+        spec = lambda n: self.specs.get(n, Branch(n))  # noqa: E731
+        groups: dict[tuple, list[str]] = {}
+        for n in xs:
+            if self.conds.get(spec(n).cond) is None and spec(n).cond != "cond":
+                raise ValueError(f"{self.guide!r} needs the {spec(n).cond!r} conditioning: pass {spec(n).cond}= to sample()")
+            groups.setdefault((id(spec(n).model), spec(n).grad), []).append(n)
+        result: dict[str, torch.Tensor] = {}
+        b = self.batch
+        for (_, grad), names in groups.items():
+            net, k = spec(names[0]).model or self.model, len(names)
+            with torch.enable_grad() if grad else torch.no_grad():
+                parts = [xs[n].detach().requires_grad_() if grad else xs[n] for n in names]
+                if grad:
+                    self.inputs.update(zip(names, parts))
+                xb = parts[0] if k == 1 else torch.cat(parts)
+                cb = self.conds[spec(names[0]).cond] if k == 1 else condlib.cat([self.conds[spec(n).cond] for n in names])
+                rows = {(i * b, (i + 1) * b): spec(n).perturbation for i, n in enumerate(names) if spec(n).perturbation}
+                refs = {(i * b, (i + 1) * b): (names.index(spec(n).reference) * b, (names.index(spec(n).reference) + 1) * b)
+                        for i, n in enumerate(names) if spec(n).reference in names}
+                out = self._forward(net, xb, p, cb, names, rows, refs)
+                self.nfe += k
+                x0 = p.x0(out, net.prediction, xb)
+            for n, x0n, outn in zip(names, x0.chunk(k), out.chunk(k)):
+                result[n] = x0n
+                if net is self.model:
+                    self.raw[id(x0n)] = outn
+        return result
+
+    def denoise(self, x: torch.Tensor, t: float) -> Denoised:
+        """What a solver calls: the (guided) x0 at ``(x, t)``."""
+        p = self.point(t)
+        if self.guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
+            out = self._forward(self.model, x, p, self.conds["cond"], ("cond",))
+            self.nfe += 1
+            d = Denoised(p.x0(out, self.model.prediction, x), out if self.model.prediction == "eps" else None)
+        else:
+            self.raw.clear()
+            self.inputs.clear()
+            ctx = Ctx(x, p, self.step, self.path, lambda xs: self.evaluate(xs, p), self.model.prediction, self.raw,
+                      self.gstate, self.inputs)
+            names = self.guide.branches(ctx)
+            res = self.guide.combine(self.evaluate({n: x for n in names}, p) if names else {}, ctx)
+            d = res if isinstance(res, Denoised) else Denoised(res)
+            d = Denoised(*(None if v is None else v.detach().to(x.dtype) for v in (d.x0, d.eps, d.x0_hist)))
+            self.record(("guidance", self.step, p.sigma_bar), d.x0)
+        if self.first_x0 is None:
+            self.first_x0 = d.x0
+        return d
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: the sum of x is finite (accumulated in float32 or better, so no half-precision overflow)."""
+    return torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+
+
+def _raise_first_nonfinite(flag: torch.Tensor, records: list, step: int) -> None:
+    if bool(flag):
+        return
+    for who, tensor in records:
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(_blame(who, step))
+
+
+def _blame(who, step: int) -> str:
+    if who == "noise":
+        return "the input noise contains NaN or inf"
+    if who == "solver":
+        return f"the solver update made NaN or inf at step {step} (the model outputs and the guidance were finite)"
+    kind, i, sigma, *rest = who
+    if kind == "model":
+        return f"model returned NaN or inf at step {i} (sigma={sigma:.6g}) in branch(es) {', '.join(rest[0])}"
+    return (f"the guidance made NaN or inf at step {i} (sigma={sigma:.6g}) from finite model outputs; "
+            "check the method's options (in half precision, a method that overflows is a bug: please report it)")
+
+
 def _grid(model, steps, timesteps) -> torch.Tensor:
     if timesteps is None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         return model.path.default_grid(steps)
-    grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    grid = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).flatten()
     if len(grid) < 2:
         raise ValueError(f"timesteps needs at least 2 values (start … end), got {len(grid)}")
     if not torch.all(grid[1:] < grid[:-1]):
@@ -54,163 +367,82 @@ def _grid(model, steps, timesteps) -> torch.Tensor:
     return grid
 
 
-def sample(model, noise: torch.Tensor | None = None, cond=None, uncond=None, guidance=None, negative=None,
-           solver: "str | Solver" = "dpmpp_2m", steps: int = 25, timesteps=None, seed: int | None = None,
-           progress: bool = False, callback: Callable[[StepInfo], None] | None = None, shape=None,
-           return_info: bool = False, keep_trajectory: bool = False):
-    """Sample from ``model`` (a Denoiser) with optional guidance.
+def _model_param(model):
+    """The first parameter of the model (or of the network it wraps), or None."""
+    for obj in (model, getattr(model, "net", None), getattr(model, "fn", None)):
+        params = getattr(obj, "parameters", None)
+        if callable(params):
+            try:
+                return next(iter(params()))
+            except (StopIteration, TypeError):
+                continue
+    return None
 
-    ``noise`` is a standard normal draw (batch first); the loop starts from ``x = sqrt(α² + σ²)·noise`` at the
-    first grid time (diffusers' ``init_noise_sigma``: 1 for VP and flow at t = 1, ``sqrt(σ_max² + 1)`` for EDM).
-    Without ``noise``, it is drawn from ``seed`` with ``shape`` (default: the batch of ``cond`` times
-    ``model.sample_shape``). ``timesteps`` is an explicit decreasing list of t values that overrides ``steps``;
-    the result is the solver state at the last one. ``guidance`` is ``None`` (the conditional model alone), a
-    spec string such as ``"cfg(scale=4)"`` or a guidance object; ``uncond`` is the unconditional (or
-    negative) conditioning, default ``model.null_cond(cond)`` where the model has one; ``negative`` is a separate
-    negative conditioning for methods that use three branches (``perp_neg``).
 
-    Returns the sample, or a ``SampleResult`` with NFE counts when ``return_info=True``.
-    """
-    path = model.path
-    solver = get_solver(solver)
-    guide: Guidance | None = parse_guidance(guidance)
-    grid = _grid(model, steps, timesteps)
-    gen = None
+def _noise_and_generators(model, noise, cond, shape, seed, generator, device, dtype):
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed= or generator=, not both")
     if seed is not None:
-        gen = torch.Generator(device=noise.device if noise is not None else "cpu").manual_seed(int(seed))
-
-    if noise is None:
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+            raise ValueError(f"seed must be an int or a list of ints (one per item), got {seed!r}")
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        generator = gens if isinstance(seed, (list, tuple)) else gens[0]
+    if generator is not None:
+        items = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not items or not all(isinstance(g, torch.Generator) for g in items):
+            raise ValueError(f"generator must be a torch.Generator or a list of them (one per item), got {generator!r}")
+        generator = list(generator) if isinstance(generator, (list, tuple)) else generator
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
+    param = _model_param(model)
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1:
+            raise ValueError("noise must be a floating tensor with a batch dimension")
+        noise = noise.to(device=device or noise.device, dtype=dtype or noise.dtype)
+    else:
         if shape is None:
             item = getattr(model, "sample_shape", None)
-            n = condlib.batch_size(cond)
+            n = len(generator) if isinstance(generator, list) else condlib.batch_size(cond)
             if item is None or n is None:
                 raise ValueError("pass noise=, or shape= (or a cond with a batch and a model with sample_shape)")
             shape = (n, *item)
-        noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
-    batch = noise.shape[0]
-    n_cond = condlib.batch_size(cond)
-    if n_cond is not None and n_cond not in (1, batch):
-        raise ValueError(f"cond has batch {n_cond} but noise has batch {batch}; they must match (or cond batch 1)")
-    cond = condlib.expand(cond, batch)
-    if guide is not None and uncond is None:
-        if not hasattr(model, "null_cond"):
-            raise ValueError(f"{guide!r} needs an unconditional branch: pass uncond= (this model has no null_cond)")
-        uncond = model.null_cond(cond, batch)
-    if guide is not None:
-        guide.reset()
-        if guide.needs_renoise and not solver.supports_renoise:
-            raise ValueError(f"{guide!r} re-noises with its own estimate, which solver {solver.name!r} cannot use; "
-                             "use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
-    conds = {"cond": cond, "uncond": condlib.expand(uncond, batch), "negative": condlib.expand(negative, batch)}
-    ev = _Evaluator(model, guide, grid, conds, batch)
-
-    def randn(like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
-
-    x = noise * float(torch.sqrt(path.alpha(grid[0]) ** 2 + path.sigma(grid[0]) ** 2))
-    solver.start(path, grid)
-    traj = [x] if keep_trajectory else []
-    bar = _progress(len(grid) - 1) if progress else None
-    try:
-        for i in range(len(grid) - 1):
-            ev.step = i
-            x = solver.step(i, x, ev.denoise, randn)
-            if keep_trajectory:
-                traj.append(x)
-            if callback is not None:
-                callback(StepInfo(i, float(grid[i]), float(path.sigma_ve(grid[i])), x, ev.nfe))
-            if bar is not None:
-                bar[0].update(bar[1], advance=1)
-    finally:
-        if bar is not None:
-            bar[0].stop()
-    return SampleResult(x, ev.nfe, ev.passes, grid, traj) if return_info else x
+        device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        if dtype is None:
+            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        noise = _randn(tuple(shape), generator, device, dtype)
+    if isinstance(generator, list) and len(generator) != noise.shape[0]:
+        raise ValueError(f"{len(generator)} generators (or seeds) for a batch of {noise.shape[0]}: give one per item")
+    return noise, generator
 
 
-class _Evaluator:
-    """The loop's model evaluations: path coefficients per time, branches batched into one forward pass per
-    network (perturbed branches on their own rows, steer.models.hooks), conversion to x0, guidance, NFE counts."""
+def _randn(shape, gens, device, dtype) -> torch.Tensor:
+    """Standard normal noise drawn in float32 (the same numbers for every dtype) from ``gens``: None (torch's
+    global generator), one generator (one draw for the batch) or one per item (each item its own draw)."""
+    if gens is None:
+        z = torch.randn(shape, device=device, dtype=torch.float32)
+    elif isinstance(gens, torch.Generator):
+        z = torch.randn(shape, generator=gens, device=gens.device, dtype=torch.float32)
+    else:
+        z = torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in gens])
+    return z.to(device=device, dtype=dtype, non_blocking=True)
 
-    def __init__(self, model, guide: Guidance | None, grid: torch.Tensor, conds: dict, batch: int):
-        self.model, self.guide, self.conds, self.batch = model, guide, conds, batch
-        self.path = model.path
-        self.nfe = self.passes = self.step = 0
-        self.raw: dict = {}  # id(x0 of a branch) -> the model output it came from (methods in the model's own space)
-        self.coefs: dict[float, tuple] = {}  # t -> (α, σ, σ̄, α̇, σ̇) as floats; the grid's filled in one call
-        p = self.path
-        for t, a, s, da, ds in zip(grid.tolist(), *(f(grid).tolist() for f in (p.alpha, p.sigma, p.d_alpha, p.d_sigma))):
-            if a > 0 or model.prediction not in ("eps", "score"):
-                self.coefs[t] = (a, s, s / a if a else math.inf, da, ds)
-        self.specs = guide.branch_specs() if guide is not None else {}
-        for name, spec in self.specs.items():
-            if spec.model is not None and spec.model.path.name != p.name:
-                raise ValueError(f"branch {name!r} uses a model on path {spec.model.path.name!r}; the sampled model "
-                                 f"is on {p.name!r}: they must share the path")
 
-    def at(self, t: float) -> tuple:
-        if t not in self.coefs:
-            tt = torch.tensor(t, dtype=torch.float64)
-            a, s = float(self.path.alpha(tt)), float(self.path.sigma(tt))
-            if a == 0 and self.model.prediction in ("eps", "score"):
-                raise NonFiniteError(f"cannot recover x0 from a {self.model.prediction!r} prediction at t={t:.6g} "
-                                     "where alpha = 0: start the grid below t=1 or use a model predicting flow, v or x0")
-            self.coefs[t] = (a, s, s / a if a else math.inf, float(self.path.d_alpha(tt)), float(self.path.d_sigma(tt)))
-        return self.coefs[t]
-
-    def _forward(self, net, xb, t: float, cb, rows=None, refs=None) -> torch.Tensor:
-        tb = torch.full((xb.shape[0],), t, dtype=xb.dtype, device=xb.device)
-        if rows:
-            with hooks.perturb(net, rows, refs):
-                out = net(xb, tb, cb)
+def _fork(gens: list, rows: list[int], step: int) -> list:
+    """Generators for the resampled rows: a row's first copy continues its stream; further copies get new streams
+    seeded from (its initial seed, step, copy number), so duplicated particles diverge reproducibly."""
+    seen: dict[int, int] = {}
+    out = []
+    for r in rows:
+        k = seen.get(r, 0)
+        seen[r] = k + 1
+        if k == 0:
+            g = torch.Generator(device=gens[r].device)
+            g.set_state(gens[r].get_state())
         else:
-            out = net(xb, tb, cb)
-        self.passes += 1
-        if out.shape != xb.shape:
-            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
-        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # the sum is the cheap check
-            raise NonFiniteError(f"model returned NaN or inf at step {self.step} (t={t:.6g}, sigma={self.at(t)[2]:.6g})")
-        return out
-
-    def evaluate(self, xs: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
-        """x0 predictions of the branches in ``xs`` (each with its own state), one forward pass per network."""
-        a, s, _, da, ds = self.at(t)
-        spec = lambda n: self.specs.get(n, Branch(n))  # noqa: E731
-        groups: dict[int, list[str]] = {}
-        for n in xs:
-            if self.conds.get(spec(n).cond) is None and spec(n).cond != "cond":
-                raise ValueError(f"{self.guide!r} needs the {spec(n).cond!r} conditioning: pass {spec(n).cond}= to sample()")
-            groups.setdefault(id(spec(n).model), []).append(n)
-        result: dict[str, torch.Tensor] = {}
-        b = self.batch
-        for names in groups.values():
-            net, k = spec(names[0]).model or self.model, len(names)
-            xb = xs[names[0]] if k == 1 else torch.cat([xs[n] for n in names])
-            cb = self.conds[spec(names[0]).cond] if k == 1 else condlib.cat([self.conds[spec(n).cond] for n in names])
-            rows = {(i * b, (i + 1) * b): spec(n).perturbation for i, n in enumerate(names) if spec(n).perturbation}
-            refs = {(i * b, (i + 1) * b): (names.index(spec(n).reference) * b, (names.index(spec(n).reference) + 1) * b)
-                    for i, n in enumerate(names) if spec(n).reference in names}
-            out = self._forward(net, xb, t, cb, rows, refs)
-            self.nfe += k
-            x0 = _x0(out, net.prediction, xb, a, s, da, ds)
-            for n, x0n, outn in zip(names, x0.chunk(k), out.chunk(k)):
-                result[n] = x0n
-                if net is self.model:
-                    self.raw[id(x0n)] = outn
-        return result
-
-    def denoise(self, x: torch.Tensor, t: float) -> Denoised:
-        """What a solver calls: the (guided) x0 at ``(x, t)``."""
-        a, s, sigma, da, ds = self.at(t)
-        if self.guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
-            out = self._forward(self.model, x, t, self.conds["cond"])
-            self.nfe += 1
-            return Denoised(_x0(out, self.model.prediction, x, a, s, da, ds), out if self.model.prediction == "eps" else None)
-        self.raw.clear()
-        ctx = Ctx(x, t, sigma, a, s, da, ds, self.step, self.path, lambda xs: self.evaluate(xs, t),
-                  self.model.prediction, self.raw)
-        names = self.guide.branches(ctx)
-        res = self.guide.combine(self.evaluate({n: x for n in names}, t) if names else {}, ctx)
-        return res if isinstance(res, Denoised) else Denoised(res)
+            g = torch.Generator(device=gens[r].device).manual_seed(hash((gens[r].initial_seed(), step, k)) & (2**63 - 1))
+        out.append(g)
+    return out
 
 
 def _progress(total: int):

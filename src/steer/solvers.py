@@ -1,71 +1,49 @@
 """ODE and SDE solvers over a denoiser, written in the data-prediction form with ``λ = log(α/σ)``.
 
-One implementation serves VP, EDM and flow paths. A solver steps from grid point ``i`` (time ``s``) to
-``i + 1`` (time ``t``) and calls ``denoise(x, t)`` as often as its method needs; ``denoise`` returns a
-``Denoised`` holding the (guided) ``x0`` and, optionally, a separate noise estimate ``eps`` to re-noise with
-(CFG++). Notation in the docstrings: ``m = x̂0``, ``ε̂ = (x − α_s m)/σ_s``, ``h = λ_t − λ_s``,
-``σ̄ = σ/α`` (EDM's σ). Steps that end at σ = 0 or start at α = 0 have ``h = ∞``; multistep methods then
-fall back to their first-order member, which is exact in that limit's form (``x_t = α_t m + σ_t ε̂``).
+One implementation serves VP, EDM and flow paths. A solver is configuration only; its state is explicit, in the
+spirit of Optax: ``state = solver.init(path, grid)`` once per sampling call, then ``x, state = solver.step(i, x,
+state, denoise, noise)`` for each grid interval ``i`` (time ``s``) → ``i + 1`` (time ``t``). ``denoise(x, t)``
+returns a ``Denoised`` holding the (guided) ``x0`` and, optionally, a separate noise estimate ``eps`` to re-noise
+with (CFG++); ``noise(x)`` draws standard normal noise shaped like ``x``. The state is a dict: its tensors (multistep
+history, momentum) are batch-first, so ``steer.core.take`` can reorder its rows; everything else in it (the path,
+the grid's time points) is shared by all rows.
 
-Every solver is first order on its first step unless its docstring says otherwise, and keeps its own
-history; ``start`` resets it.
+Notation in the docstrings: ``m = x̂0``, ``ε̂ = (x − α_s m)/σ_s``, ``h = λ_t − λ_s``, ``σ̄ = σ/α`` (EDM's σ). Steps
+that end at σ = 0 or start at α = 0 have ``h = ∞``; multistep methods then fall back to their first-order member,
+which is exact in that limit's form (``x_t = α_t m + σ_t ε̂``). Every solver is first order on its first step unless
+its docstring says otherwise.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
 
+from .core import Denoised, TimePoint, points
 from .paths import Path, karras
 from .spec import parse_spec
 
 __all__ = ["Denoised", "Solver", "SOLVERS", "get_solver", "solver_table"]
 
 
-@dataclass
-class Denoised:
-    x0: torch.Tensor
-    eps: torch.Tensor | None = None  # re-noise estimate; None means (x − α x0)/σ
-    x0_hist: torch.Tensor | None = None  # what multistep solvers remember instead of x0 (CFG++: D_u)
-
-
-class Pt(NamedTuple):
-    """A time point with its path coefficients as Python floats."""
-    t: float
-    a: float
-    s: float
-    lam: float
-    sve: float  # σ̄ = σ/α (inf where α = 0)
-
-
-def points(path: Path, ts) -> list[Pt]:
-    ts = torch.as_tensor(ts, dtype=torch.float64)
-    a, s = path.alpha(ts).tolist(), path.sigma(ts).tolist()
-    out = []
-    for t, ai, si in zip(ts.tolist(), a, s):
-        lam = math.inf if si == 0 else (-math.inf if ai == 0 else math.log(ai / si))
-        out.append(Pt(t, ai, si, lam, math.inf if ai == 0 else si / ai))
-    return out
-
-
-def _h(p: Pt, q: Pt) -> float:
+def _h(p: TimePoint, q: TimePoint) -> float:
     return q.lam - p.lam if math.isfinite(p.lam) and math.isfinite(q.lam) else math.inf
 
 
-def _eps(x, d: Denoised, p: Pt):
-    return d.eps if d.eps is not None else (x - p.a * d.x0) / p.s
+def _eps(x, d: Denoised, p: TimePoint):
+    return d.eps if d.eps is not None else p.eps(x, d.x0)
 
 
 Noise = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Solver:
-    """Base class: ``start(path, grid)`` once per sampling call, then ``step`` for each grid interval."""
+    """Base class: ``init(path, grid)`` returns the state of one sampling call; ``step`` advances it by one
+    grid interval and returns ``(x, state)``."""
 
     name = ""
     order = 1
@@ -81,12 +59,10 @@ class Solver:
     def options(self) -> dict:
         return {}
 
-    def start(self, path: Path, grid: torch.Tensor) -> None:
-        self.path = path
-        self.pts = points(path, grid)
-        self.hist: list = []
+    def init(self, path: Path, grid: torch.Tensor) -> dict:
+        return {"path": path, "pts": points(path, grid)}
 
-    def step(self, i: int, x: torch.Tensor, denoise, noise: Noise) -> torch.Tensor:
+    def step(self, i: int, x: torch.Tensor, state: dict, denoise, noise: Noise) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -94,22 +70,22 @@ class Solver:
         return f"{self.name}({opts})"
 
 
-def _order_cap(solver: Solver, i: int) -> int:
+def _order_cap(solver: Solver, state: dict, i: int) -> int:
     """diffusers' ``lower_order_final``: with fewer than 15 steps, the last step is first order and the one
     before it at most second order (DPM-Solver's advice for few-step sampling; a heuristic, not the method)."""
-    n = len(solver.pts) - 1
+    n = len(state["pts"]) - 1
     if not getattr(solver, "lower_order_final", False) or n >= 15:
         return 3
     return 1 if i == n - 1 else (2 if i == n - 2 else 3)
 
 
-def _ddim_step(x, d: Denoised, p: Pt, q: Pt, eta: float, noise: Noise):
+def _ddim_step(x, d: Denoised, p: TimePoint, q: TimePoint, eta: float, noise: Noise):
     """``x_t = α_t m + sqrt(σ_t² − c²) ε̂ + c z``, ``c = η σ_t sqrt(1 − e^{−2h})``."""
     e = _eps(x, d, p)
-    if eta == 0 or q.s == 0:
-        return torch.add(q.a * d.x0, e, alpha=q.s)
-    c = min(eta * q.s * math.sqrt(-math.expm1(-2 * _h(p, q))), q.s)
-    return q.a * d.x0 + math.sqrt(q.s**2 - c**2) * e + c * noise(x)
+    if eta == 0 or q.sigma == 0:
+        return torch.add(q.alpha * d.x0, e, alpha=q.sigma)
+    c = min(eta * q.sigma * math.sqrt(-math.expm1(-2 * _h(p, q))), q.sigma)
+    return q.alpha * d.x0 + math.sqrt(q.sigma**2 - c**2) * e + c * noise(x)
 
 
 class Euler(Solver):
@@ -124,9 +100,9 @@ class Euler(Solver):
 
     name, order, paper = "euler", 1, "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models, arXiv 2206.00364"
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
-        return _ddim_step(x, denoise(x, p.t), p, q, 0.0, noise)
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
+        return _ddim_step(x, denoise(x, p.t), p, q, 0.0, noise), state
 
 
 class DDIM(Solver):
@@ -156,19 +132,22 @@ class DDIM(Solver):
     def options(self):
         return {"eta": self.eta, "time_shift": self.time_shift, "window": self.window, "cutoff": self.cutoff}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
-        if not (self.time_shift and p.t > self.cutoff and q.s > 0):
-            return _ddim_step(x, d, p, q, self.eta, noise)
-        var = x.flatten(1).double().var(dim=1)
-        cand = torch.arange(p.t - self.window / 2, p.t + self.window / 2 + 1e-9, 1e-3, dtype=torch.float64).clamp(0, 1)
-        tau = cand[(var[:, None] - self.path.sigma(cand)[None] ** 2).abs().argmin(dim=1)]
+        if not (self.time_shift and p.t > self.cutoff and q.sigma > 0):
+            return _ddim_step(x, d, p, q, self.eta, noise), state
+        # candidates τ and the coefficients at their shifted targets, tabulated on the host and looked up per sample
+        path = state["path"]
+        tau = torch.arange(p.t - self.window / 2, p.t + self.window / 2 + 1e-9, 1e-3, dtype=torch.float64).clamp(0, 1)
         t_new = (q.t + tau - p.t).clamp(1e-6, 1.0)
+        table = torch.stack([path.sigma(tau) ** 2, path.alpha(t_new), path.sigma(t_new)])
+        table = table.to(x.device, torch.float32, non_blocking=True)
+        var = x.flatten(1).float().var(dim=1)
+        j = (var[:, None] - table[0][None]).abs().argmin(dim=1)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        a = self.path.alpha(t_new).to(x).reshape(shape)
-        s = self.path.sigma(t_new).to(x).reshape(shape)
-        return a * d.x0 + s * _eps(x, d, p)  # the shift applies to deterministic DDIM only
+        a, s = table[1][j].reshape(shape).to(x.dtype), table[2][j].reshape(shape).to(x.dtype)
+        return a * d.x0 + s * _eps(x, d, p), state  # the shift applies to deterministic DDIM only
 
 
 class DDPM(DDIM):
@@ -191,14 +170,14 @@ class DDPM(DDIM):
     def options(self):
         return {"variance": self.variance}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
         x = _ddim_step(x, d, p, q, 1.0, noise)
-        if self.variance == "large" and q.s > 0:
-            small, large = q.s**2 * -math.expm1(-2 * _h(p, q)), p.s**2 * -math.expm1(-2 * _h(p, q))
+        if self.variance == "large" and q.sigma > 0:
+            small, large = q.sigma**2 * -math.expm1(-2 * _h(p, q)), p.sigma**2 * -math.expm1(-2 * _h(p, q))
             x = x + math.sqrt(large - small) * noise(x)  # adds the missing variance to the same mean
-        return x
+        return x, state
 
 
 class EulerAncestral(Solver):
@@ -219,18 +198,16 @@ class EulerAncestral(Solver):
     def options(self):
         return {"eta": self.eta, "s_noise": self.s_noise}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
         e = _eps(x, d, p)
-        if q.s == 0:
-            return q.a * d.x0
-        if math.isinf(p.sve):  # from pure noise: σ̄_s = ∞
-            up = min(q.sve, self.eta * q.sve)
-        else:
-            up = min(q.sve, self.eta * math.sqrt(q.sve**2 * (p.sve**2 - q.sve**2) / p.sve**2))
-        down = math.sqrt(q.sve**2 - up**2)
-        return q.a * (d.x0 + down * e + up * self.s_noise * noise(x))
+        if q.sigma == 0:
+            return q.alpha * d.x0, state
+        sp, sq = p.sigma_bar, q.sigma_bar
+        up = min(sq, self.eta * sq) if math.isinf(sp) else min(sq, self.eta * math.sqrt(sq**2 * (sp**2 - sq**2) / sp**2))
+        down = math.sqrt(sq**2 - up**2)
+        return q.alpha * (d.x0 + down * e + up * self.s_noise * noise(x)), state
 
 
 class Heun(Solver):
@@ -245,23 +222,24 @@ class Heun(Solver):
     name, order, nfe_per_step = "heun", 2, 2
     paper = "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models, arXiv 2206.00364"
 
-    def step(self, i, x, denoise, noise):
-        return heun_step(self.path, x, denoise, self.pts[i], self.pts[i + 1])
+    def step(self, i, x, state, denoise, noise):
+        return heun_step(state["path"], x, denoise, state["pts"][i], state["pts"][i + 1]), state
 
 
-def heun_step(path: Path, x, denoise, p: Pt, q: Pt):
+def heun_step(path: Path, x, denoise, p: TimePoint, q: TimePoint):
     d1 = denoise(x, p.t)
     e1 = _eps(x, d1, p)
-    x_pred = torch.add(q.a * d1.x0, e1, alpha=q.s)
-    if q.s == 0:
+    x_pred = torch.add(q.alpha * d1.x0, e1, alpha=q.sigma)
+    if q.sigma == 0:
         return x_pred
     d2 = denoise(x_pred, q.t)
     e2 = _eps(x_pred, d2, q)
     if path.kind == "flow":  # trapezoid on u = ε̂ − x̂0 in (x, t)
         return torch.add(x, (e1 - d1.x0) + (e2 - d2.x0), alpha=0.5 * (q.t - p.t))
-    if p.a == 0:
+    if p.alpha == 0:
         return x_pred
-    return torch.add((q.a / p.a) * x, e1 + e2, alpha=0.5 * q.a * (q.sve - p.sve))  # α_t (x̄_s + Δσ̄ (e1 + e2)/2)
+    # α_t (x̄_s + Δσ̄ (e1 + e2)/2)
+    return torch.add((q.alpha / p.alpha) * x, e1 + e2, alpha=0.5 * q.alpha * (q.sigma_bar - p.sigma_bar))
 
 
 class Midpoint(Solver):
@@ -274,22 +252,30 @@ class Midpoint(Solver):
     name, order, nfe_per_step = "midpoint", 2, 2
     paper = "Runge–Kutta midpoint rule on the PF-ODE; flow form as in rectified-flow samplers"
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def init(self, path, grid):
+        state = super().init(path, grid)
+        pts = state["pts"]
+        if path.kind == "flow":
+            mids = [(p.t + q.t) / 2 for p, q in zip(pts, pts[1:])]
+        else:  # σ̄ midpoints where both ends are finite and positive
+            mids = [float(path.t_from_sigma_bar((p.sigma_bar + q.sigma_bar) / 2)) if p.alpha > 0 else p.t
+                    for p, q in zip(pts, pts[1:])]
+        state["mid"] = points(path, mids)
+        return state
+
+    def step(self, i, x, state, denoise, noise):
+        p, q, m = state["pts"][i], state["pts"][i + 1], state["mid"][i]
         d1 = denoise(x, p.t)
         e1 = _eps(x, d1, p)
-        if self.path.kind == "flow":
-            m = points(self.path, [(p.t + q.t) / 2])[0]
+        if state["path"].kind == "flow":
             x_mid = x + (m.t - p.t) * (e1 - d1.x0)
             d2 = denoise(x_mid, m.t)
-            e2 = _eps(x_mid, d2, m)
-            return x + (q.t - p.t) * (e2 - d2.x0)
-        if p.a == 0:
-            return q.a * d1.x0 + q.s * e1
-        m = points(self.path, [float(self.path.t_from_sigma_ve((p.sve + q.sve) / 2))])[0]
-        x_mid = m.a * d1.x0 + m.s * e1
+            return x + (q.t - p.t) * (_eps(x_mid, d2, m) - d2.x0), state
+        if p.alpha == 0:
+            return q.alpha * d1.x0 + q.sigma * e1, state
+        x_mid = m.alpha * d1.x0 + m.sigma * e1
         d2 = denoise(x_mid, m.t)
-        return q.a * (x / p.a + (q.sve - p.sve) * _eps(x_mid, d2, m))
+        return q.alpha * (x / p.alpha + (q.sigma_bar - p.sigma_bar) * _eps(x_mid, d2, m)), state
 
 
 class DPMpp2M(Solver):
@@ -304,6 +290,8 @@ class DPMpp2M(Solver):
     "Diffusion Sampling with Momentum for Mitigating Divergence Artifacts", arXiv 2307.11118):
     ``v_n = (1 − β) v_{n−1} + β (m_0 + D1/2)``, ``x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) v_n``. β = 1 (default)
     is plain 2M; the paper proves the HB variant first order and suggests β ≈ 0.8 for low-step, high-CFG runs.
+
+    State: ``prev`` (λ and m of the previous step), ``velocity`` (momentum).
     """
 
     supports_renoise = True
@@ -319,23 +307,23 @@ class DPMpp2M(Solver):
     def options(self):
         return {"momentum": self.momentum, "lower_order_final": self.lower_order_final}
 
-    def start(self, path, grid):
-        super().start(path, grid)
-        self.velocity = None
+    def init(self, path, grid):
+        return {**super().init(path, grid), "prev": None, "velocity": None}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
-        m0, h = d.x0, _h(p, q)
+        m0, h, prev = d.x0, _h(p, q), state["prev"]
         val = m0
-        if self.hist and math.isfinite(h) and math.isfinite(self.hist[-1][0]) and _order_cap(self, i) >= 2:
-            lam1, m1 = self.hist[-1]
-            val = m0 + 0.5 * (m0 - m1) * h / (p.lam - lam1)
-        self.hist = [(p.lam, d.x0_hist if d.x0_hist is not None else m0)]
+        if prev is not None and math.isfinite(h) and math.isfinite(prev[0]) and _order_cap(self, state, i) >= 2:
+            val = m0 + 0.5 * (m0 - prev[1]) * h / (p.lam - prev[0])
+        velocity = state["velocity"]
         if self.momentum < 1:
-            self.velocity = val if self.velocity is None else (1 - self.momentum) * self.velocity + self.momentum * val
-            val = self.velocity
-        return q.a * m0 + q.s * _eps(x, d, p) - q.a * math.expm1(-h) * (val - m0)
+            velocity = val if velocity is None else (1 - self.momentum) * velocity + self.momentum * val
+            val = velocity
+        x = q.alpha * m0 + q.sigma * _eps(x, d, p) - q.alpha * math.expm1(-h) * (val - m0)
+        prev = (p.lam, d.x0_hist if d.x0_hist is not None else m0)
+        return x, {**state, "prev": prev, "velocity": velocity}
 
 
 class DPMpp3M(Solver):
@@ -361,37 +349,40 @@ class DPMpp3M(Solver):
 
     def __init__(self, variant: str = "taylor", lower_order_final: bool = True):
         if variant not in ("taylor", "published"):
-            raise ValueError(f"dpmpp_3m variant must be 'taylor' or 'published', got {variant!r}")
+            raise ValueError(f"{self.name} variant must be 'taylor' or 'published', got {variant!r}")
         self.variant, self.lower_order_final = variant, bool(lower_order_final)
 
     def options(self):
         return {"variant": self.variant, "lower_order_final": self.lower_order_final}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def init(self, path, grid):
+        return {**super().init(path, grid), "hist": ()}  # up to two (λ, m) of the previous steps
+
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
         m0, h, e = d.x0, _h(p, q), _eps(x, d, p)
-        cap = _order_cap(self, i)
-        usable = [(lam, m) for lam, m in self.hist if math.isfinite(lam)][-(cap - 1):] if cap > 1 else []
-        self.hist = (self.hist + [(p.lam, m0)])[-2:]
-        base = q.a * m0 + q.s * e
-        if q.s == 0 or cap == 1 or (not usable and self.variant == "published"):
-            return base
+        cap = _order_cap(self, state, i)
+        usable = [(lam, m) for lam, m in state["hist"] if math.isfinite(lam)][-(cap - 1):] if cap > 1 else []
+        state = {**state, "hist": (*state["hist"], (p.lam, m0))[-2:]}
+        base = q.alpha * m0 + q.sigma * e
+        if q.sigma == 0 or cap == 1 or (not usable and self.variant == "published"):
+            return base, state
         phi1 = -math.expm1(-h)  # 1 − e^{−h}
         if not usable:  # second-order single step: predictor to t, trapezoid in the data prediction
             m_t = denoise(base, q.t).x0
-            return base + q.a * phi1 * 0.5 * (m_t - m0)
+            return base + q.alpha * phi1 * 0.5 * (m_t - m0), state
         r0 = (p.lam - usable[-1][0]) / h
         d1_0 = (m0 - usable[-1][1]) / r0
         if len(usable) < 2:
-            return base + q.a * phi1 * 0.5 * d1_0
+            return base + q.alpha * phi1 * 0.5 * d1_0, state
         r1 = (usable[-1][0] - usable[-2][0]) / h
         d1_1 = (usable[-1][1] - usable[-2][1]) / r1
         D1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         D2 = (d1_0 - d1_1) / (r0 + r1)
         A1, A2 = 1 - phi1 / h, 0.5 - (h - phi1) / h**2
         c2 = 2 * A2 if self.variant == "taylor" else A2
-        return base + q.a * (A1 * D1 + c2 * D2)
+        return base + q.alpha * (A1 * D1 + c2 * D2), state
 
 
 class DPMpp2MSDE(Solver):
@@ -413,27 +404,29 @@ class DPMpp2MSDE(Solver):
     def options(self):
         return {"eta": self.eta, "solver_type": self.solver_type, "s_noise": self.s_noise}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def init(self, path, grid):
+        return {**super().init(path, grid), "prev": None}
+
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
-        m0, h, e = d.x0, _h(p, q), _eps(x, d, p)
-        prev = self.hist[-1] if self.hist else None
-        self.hist = [(p.lam, m0)]
-        if q.s == 0:
-            return q.a * m0
+        m0, h, e, prev = d.x0, _h(p, q), _eps(x, d, p), state["prev"]
+        state = {**state, "prev": (p.lam, m0)}
+        if q.sigma == 0:
+            return q.alpha * m0, state
         eh = self.eta * h if math.isfinite(h) else math.inf
         H = h + eh
-        out = q.a * m0 + q.s * math.exp(-eh) * e
+        out = q.alpha * m0 + q.sigma * math.exp(-eh) * e
         if prev is not None and math.isfinite(h) and math.isfinite(prev[0]):
             D1 = (m0 - prev[1]) * h / (p.lam - prev[0])
             phi = -math.expm1(-H)
-            out = out + q.a * (0.5 * phi if self.solver_type == "midpoint" else 1 - phi / H) * D1
+            out = out + q.alpha * (0.5 * phi if self.solver_type == "midpoint" else 1 - phi / H) * D1
         if self.eta > 0:
-            out = out + q.s * math.sqrt(-math.expm1(-2 * eh)) * self.s_noise * noise(x)
-        return out
+            out = out + q.sigma * math.sqrt(-math.expm1(-2 * eh)) * self.s_noise * noise(x)
+        return out, state
 
 
-class DPMpp3MSDE(DPMpp3M):
+class DPMpp3MSDE(Solver):
     """SDE-DPM-Solver++(3M) (k-diffusion ``sample_dpmpp_3m_sde``), η = 1 by default.
 
     As ``dpmpp_2m_sde`` with the 3M correction ``α_t [A1(H) D1 + c2 D2]``, ``A1, A2`` at ``H = (1 + η) h``;
@@ -442,43 +435,47 @@ class DPMpp3MSDE(DPMpp3M):
     sign); it is not reproduced here. 1 NFE per step.
     """
 
-    name, stochastic = "dpmpp_3m_sde", True
+    name, order, stochastic = "dpmpp_3m_sde", 3, True
     paper = "Lu et al. 2022, DPM-Solver++, arXiv 2211.01095 (SDE variant as in k-diffusion)"
 
     def __init__(self, eta: float = 1.0, variant: str = "taylor", s_noise: float = 1.0):
-        super().__init__(variant)
-        self.eta, self.s_noise = float(eta), float(s_noise)
+        if variant not in ("taylor", "published"):
+            raise ValueError(f"dpmpp_3m_sde variant must be 'taylor' or 'published', got {variant!r}")
+        self.eta, self.variant, self.s_noise = float(eta), variant, float(s_noise)
 
     def options(self):
         return {"eta": self.eta, "variant": self.variant, "s_noise": self.s_noise}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def init(self, path, grid):
+        return {**super().init(path, grid), "hist": ()}
+
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
         m0, h, e = d.x0, _h(p, q), _eps(x, d, p)
-        usable = [(lam, m) for lam, m in self.hist if math.isfinite(lam)] if math.isfinite(h) else []
-        self.hist = (self.hist + [(p.lam, m0)])[-2:]
-        if q.s == 0:
-            return q.a * m0
+        usable = [(lam, m) for lam, m in state["hist"] if math.isfinite(lam)] if math.isfinite(h) else []
+        state = {**state, "hist": (*state["hist"], (p.lam, m0))[-2:]}
+        if q.sigma == 0:
+            return q.alpha * m0, state
         eh = self.eta * h if math.isfinite(h) else math.inf
         H = h + eh
-        out = q.a * m0 + q.s * math.exp(-eh) * e
+        out = q.alpha * m0 + q.sigma * math.exp(-eh) * e
         if usable:
             phi1 = -math.expm1(-H)
             r0 = (p.lam - usable[-1][0]) / h
             d1_0 = (m0 - usable[-1][1]) / r0
             if len(usable) < 2:
-                out = out + q.a * 0.5 * phi1 * d1_0
+                out = out + q.alpha * 0.5 * phi1 * d1_0
             else:
                 r1 = (usable[-1][0] - usable[-2][0]) / h
                 d1_1 = (usable[-1][1] - usable[-2][1]) / r1
                 D1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
                 D2 = (d1_0 - d1_1) / (r0 + r1)
                 A1, A2 = 1 - phi1 / H, 0.5 - (H - phi1) / H**2
-                out = out + q.a * (A1 * D1 + (2 * A2 if self.variant == "taylor" else A2) * D2)
+                out = out + q.alpha * (A1 * D1 + (2 * A2 if self.variant == "taylor" else A2) * D2)
         if self.eta > 0:
-            out = out + q.s * math.sqrt(-math.expm1(-2 * eh)) * self.s_noise * noise(x)
-        return out
+            out = out + q.sigma * math.sqrt(-math.expm1(-2 * eh)) * self.s_noise * noise(x)
+        return out, state
 
 
 def _unipc_coefs(rks: list[float], h: float, variant: str, corrector: bool):
@@ -527,36 +524,38 @@ class UniPC(Solver):
     def options(self):
         return {"order": self.p, "variant": self.variant, "corrector": self.corrector}
 
-    def start(self, path, grid):
-        super().start(path, grid)
-        self.last = None  # (x_s, p, order used) of the previous predictor step
+    def init(self, path, grid):
+        # hist: up to `order` (λ, m); last: (x_s, time point, order used) of the previous predictor step
+        return {**super().init(path, grid), "hist": (), "last": None}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
-        m_new = d.x0
-        if self.last is not None and self.corrector:  # UniC: correct x_s with the evaluation just made
-            x_prev, pp, order = self.last
+        m_new, hist = d.x0, state["hist"]
+        if state["last"] is not None and self.corrector:  # UniC: correct x_s with the evaluation just made
+            x_prev, pp, order = state["last"]
             h = _h(pp, p)
             if math.isfinite(h):
-                rks, Ds = _diffs(self.hist[-order:], h)
+                rks, Ds = _diffs(hist[-order:], h)
                 h_phi_1, B, rhos = _unipc_coefs(rks, h, self.variant, corrector=True)
-                m0 = self.hist[-1][1]
+                m0 = hist[-1][1]
                 corr = sum(rho * dk for rho, dk in zip(rhos[:-1], Ds))
-                x = (p.s / pp.s) * x_prev - p.a * h_phi_1 * m0 - p.a * B * (corr + rhos[-1] * (m_new - m0))
-        self.hist = (self.hist + [(p.lam, m_new)])[-self.p:]
+                x = (p.sigma / pp.sigma) * x_prev - p.alpha * h_phi_1 * m0 - p.alpha * B * (corr + rhos[-1] * (m_new - m0))
+        hist = (*hist, (p.lam, m_new))[-self.p:]
         h = _h(p, q)
         usable = 1
-        while usable < len(self.hist) and math.isfinite(self.hist[-1 - usable][0]):
+        while usable < len(hist) and math.isfinite(hist[-1 - usable][0]):
             usable += 1
         order = min(self.p, usable) if math.isfinite(h) else 1
-        self.last = (x, p, order)
+        state = {**state, "hist": hist, "last": (x, p, order)}
         if order == 1:  # DPM-Solver-1; no B(h) term (B = −∞ for bh1 on a step to σ = 0)
-            return q.a * m_new + q.s * d.eps if d.eps is not None else (q.s / p.s) * x - q.a * math.expm1(-h) * m_new
-        rks, Ds = _diffs(self.hist[-order:], h)  # UniP
+            if d.eps is not None:
+                return q.alpha * m_new + q.sigma * d.eps, state
+            return (q.sigma / p.sigma) * x - q.alpha * math.expm1(-h) * m_new, state
+        rks, Ds = _diffs(hist[-order:], h)  # UniP
         h_phi_1, B, rhos = _unipc_coefs(rks, h, self.variant, corrector=False)
         pred = sum(rho * dk for rho, dk in zip(rhos, Ds))
-        return (q.s / p.s) * x - q.a * h_phi_1 * m_new - q.a * B * pred
+        return (q.sigma / p.sigma) * x - q.alpha * h_phi_1 * m_new - q.alpha * B * pred, state
 
 
 def _diffs(hist: list, h: float):
@@ -587,19 +586,22 @@ class DEIS(Solver):
     def options(self):
         return {"order": self.order, "lower_order_final": self.lower_order_final}
 
-    def step(self, i, x, denoise, noise):
-        p, q = self.pts[i], self.pts[i + 1]
+    def init(self, path, grid):
+        return {**super().init(path, grid), "hist": ()}  # up to `order` (σ̄, ε̂)
+
+    def step(self, i, x, state, denoise, noise):
+        p, q = state["pts"][i], state["pts"][i + 1]
         d = denoise(x, p.t)
         e = _eps(x, d, p)
-        self.hist = (self.hist + [(p.sve, e)])[-self.order:]
-        usable = [(r, ek) for r, ek in self.hist if math.isfinite(r)][-_order_cap(self, i):]
-        if len(usable) < 2 or not math.isfinite(p.sve):
-            return q.a * d.x0 + q.s * e
+        state = {**state, "hist": (*state["hist"], (p.sigma_bar, e))[-self.order:]}
+        usable = [(r, ek) for r, ek in state["hist"] if math.isfinite(r)][-_order_cap(self, state, i):]
+        if len(usable) < 2 or not math.isfinite(p.sigma_bar):
+            return q.alpha * d.x0 + q.sigma * e, state
         us = [math.log(r) for r, _ in usable]
-        out = x / p.a
+        out = x / p.alpha
         for j, (_, ej) in enumerate(usable):
-            out = out + (_int_poly_exp(_lagrange(us, j), q.sve) - _int_poly_exp(_lagrange(us, j), p.sve)) * ej
-        return q.a * out
+            out = out + (_int_poly_exp(_lagrange(us, j), q.sigma_bar) - _int_poly_exp(_lagrange(us, j), p.sigma_bar)) * ej
+        return q.alpha * out, state
 
 
 def _lagrange(nodes: list[float], j: int) -> list[float]:
@@ -639,40 +641,48 @@ class Restart(Solver):
     paper = "Xu et al. 2023, Restart Sampling for Improving Generative Processes, arXiv 2306.14878"
 
     def __init__(self, intervals=((3, 2, 0.06, 0.30),), s_noise: float = 1.0):
+        bad = ValueError(f"restart intervals must be a list of (n >= 2, K >= 0, 0 < sigma_min < sigma_max), "
+                         f"e.g. [(3, 2, 0.06, 0.30)]; got {intervals!r}")
+        if not isinstance(intervals, (list, tuple)):
+            raise bad
+        for iv in intervals:
+            if (not isinstance(iv, (list, tuple)) or len(iv) != 4 or not all(isinstance(v, (int, float)) for v in iv)
+                    or iv[0] < 2 or iv[1] < 0 or not 0 < iv[2] < iv[3]):
+                raise bad
         self.intervals = [tuple(iv) for iv in intervals]
-        for iv in self.intervals:
-            if len(iv) != 4 or iv[0] < 2 or iv[1] < 0 or not 0 < iv[2] < iv[3]:
-                raise ValueError(f"restart interval must be (n >= 2, K >= 0, 0 < sigma_min < sigma_max), got {iv}")
         self.s_noise = float(s_noise)
 
     def options(self):
         return {"intervals": self.intervals, "s_noise": self.s_noise}
 
-    def start(self, path, grid):
-        super().start(path, grid)
-        inner = [j for j in range(1, len(self.pts)) if 0 < self.pts[j].sve < math.inf]
-        self.at = {}
+    def init(self, path, grid):
+        state = super().init(path, grid)
+        pts = state["pts"]
+        inner = [j for j in range(1, len(pts)) if 0 < pts[j].sigma_bar < math.inf]
+        at: dict[int, list] = {}  # main-grid index -> [(K, restart sub-grid)]
         for n, k, lo, hi in self.intervals:
             if not inner:
                 break
-            j = min(inner, key=lambda j: abs(self.pts[j].sve - lo))  # snap σ̄_min to the main grid (σ > 0)
-            if self.pts[j].sve >= hi:
+            j = min(inner, key=lambda j: abs(pts[j].sigma_bar - lo))  # snap σ̄_min to the main grid (σ > 0)
+            if pts[j].sigma_bar >= hi:
                 warnings.warn(f"restart interval {(n, k, lo, hi)} skipped: the grid's nearest sigma to {lo} is "
-                              f"{self.pts[j].sve:.4g} >= sigma_max {hi}; use more steps or a Karras grid")
+                              f"{pts[j].sigma_bar:.4g} >= sigma_max {hi}; use more steps or a Karras grid")
                 continue
-            sub = points(path, karras(path, n - 1, sigma_min=self.pts[j].sve, sigma_max=hi, append_zero=False))
-            self.at.setdefault(j, []).append((k, sub))
+            sub = points(path, karras(path, n - 1, sigma_min=pts[j].sigma_bar, sigma_max=hi, append_zero=False))
+            at.setdefault(j, []).append((k, sub))
+        return {**state, "at": at}
 
-    def step(self, i, x, denoise, noise):
-        x = heun_step(self.path, x, denoise, self.pts[i], self.pts[i + 1])
-        for k, sub in self.at.get(i + 1, []):
+    def step(self, i, x, state, denoise, noise):
+        path = state["path"]
+        x = heun_step(path, x, denoise, state["pts"][i], state["pts"][i + 1])
+        for k, sub in state["at"].get(i + 1, []):
             for _ in range(k):
                 a_lo, b_hi = sub[-1], sub[0]
-                ratio = b_hi.a / a_lo.a
-                x = ratio * x + math.sqrt(max(b_hi.s**2 - (ratio * a_lo.s) ** 2, 0.0)) * self.s_noise * noise(x)
+                ratio = b_hi.alpha / a_lo.alpha
+                x = ratio * x + math.sqrt(max(b_hi.sigma**2 - (ratio * a_lo.sigma) ** 2, 0.0)) * self.s_noise * noise(x)
                 for p, q in zip(sub[:-1], sub[1:]):
-                    x = heun_step(self.path, x, denoise, p, q)
-        return x
+                    x = heun_step(path, x, denoise, p, q)
+        return x, state
 
 
 SOLVERS: dict[str, type[Solver]] = {

@@ -2,7 +2,9 @@
 Guidance, FDG, characteristic guidance, Perp-Neg, and the output modifiers (rescale, TAG, dynamic thresholding).
 
 All scales are in the w-form ``y_u + w (y_c − y_u)`` (w = 1: conditional only). Norms, dot products and statistics
-are per sample over all non-batch dimensions, in float32 or better (projections in float64).
+are per sample over all non-batch dimensions, accumulated in float32 or better (projections in float64; half
+precision inputs are multiplied in float32, so no sum of squares overflows float16's 65504) and cast back.
+State that lives across steps (APG's momentum, Adaptive Guidance's latch) is kept in ``ctx.state[owner]``.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..solvers import Denoised
-from .core import Ctx, OutputModifier, Stack, Term, register
+from ..core import Denoised, Modifier
+from .core import OutputModifier, Stack, Term, register
 
 __all__ = ["CFG", "APG", "ZeroStar", "TCFG", "MAMBO", "CFGZeroStar", "CFGPP", "Adaptive", "FDG", "Characteristic",
            "PerpNeg", "Rescale", "DynamicThreshold", "TAG", "cfg", "apg", "cfg_rescale", "cfgpp", "cfg_zero_star",
@@ -25,14 +27,19 @@ def _dims(x: torch.Tensor) -> list[int]:
     return list(range(1, x.ndim))
 
 
+def _wide(a: torch.Tensor) -> torch.Tensor:
+    """``a`` in float32 if it is in half precision (float16, bfloat16), else ``a`` itself."""
+    return a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product, accumulated in float64 (shape [B, 1, ...])."""
-    return torch.sum(a * b, dim=_dims(a), keepdim=True, dtype=torch.float64)
+    return torch.sum(_wide(a) * _wide(b), dim=_dims(a), keepdim=True, dtype=torch.float64)
 
 
 def _dot32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product in float32 (torch's cascade summation: ~1e−7 relative on 10⁶ elements)."""
-    return (a * b).sum(dim=_dims(a), keepdim=True)
+    return (_wide(a) * _wide(b)).sum(dim=_dims(a), keepdim=True)
 
 
 def _norm(a: torch.Tensor) -> torch.Tensor:
@@ -49,6 +56,7 @@ def _project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _std(a: torch.Tensor) -> torch.Tensor:
     """Per-sample standard deviation (unbiased, as torch.std), two-pass: the mean, then centred squares."""
+    a = _wide(a)
     centred = a - a.mean(dim=_dims(a), keepdim=True)
     return (_dot32(centred, centred) / (a[0].numel() - 1)).sqrt()
 
@@ -68,22 +76,6 @@ def _quantile(flat: torch.Tensor, p: float) -> torch.Tensor:
     return v_lo + frac * (v_hi - v_lo)
 
 
-class Modifier:
-    """Transforms a term's guidance in ``space``: ``guide(y_c, y_u, w, ctx)`` returns the guided prediction."""
-
-    space = "x0"
-    name = "modifier"
-
-    def reset(self) -> None:
-        pass
-
-    def guide(self, yc, yu, w, ctx):
-        raise NotImplementedError
-
-    def __repr__(self):
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in vars(self).items() if not k.startswith('_'))})"
-
-
 class CFG(Term):
     """Classifier-free guidance (Ho & Salimans 2022, Classifier-Free Diffusion Guidance, arXiv 2207.12598).
 
@@ -101,10 +93,6 @@ class CFG(Term):
         self.modifier = modifier
         if modifier is not None:
             self.space = modifier.space
-
-    def reset(self):
-        if self.modifier is not None:
-            self.modifier.reset()
 
     def guide(self, yc, yu, w, ctx):
         return yu + w * (yc - yu) if self.modifier is None else self.modifier.guide(yc, yu, w, ctx)
@@ -129,8 +117,8 @@ class APG(Modifier):
 
     In x0 space: ``Δ = D_c − D_u``; reverse momentum ``m ← Δ + β m`` (a running sum, β < 0; ``Δ ← m``); norm cap
     ``Δ ← Δ·min(1, r/‖Δ‖)`` (r = 0 disables); projection on ``D_c`` in float64, ``Δ_mod = Δ_⊥ + η Δ_∥``;
-    ``D = D_c + (w − 1) Δ_mod``. η = 1, r = 0, β = 0 is CFG. The momentum buffer is reset at every sampling call
-    and updated at every model evaluation (twice per step with 2-stage solvers).
+    ``D = D_c + (w − 1) Δ_mod``. η = 1, r = 0, β = 0 is CFG. The momentum buffer (state, one row per sample) starts
+    empty at every sampling call and is updated at every model evaluation (twice per step with 2-stage solvers).
     Defaults η = 0 (the paper's recommendation), r = 15, β = −0.5 (paper Table 10, SDXL row).
     """
 
@@ -142,23 +130,20 @@ class APG(Modifier):
         if rescale < 0:
             raise ValueError(f"apg rescale (the norm threshold r) must be >= 0, got {rescale}")
         self.eta, self.rescale, self.momentum, self.space = float(eta), float(rescale), float(momentum), space
-        self._m = None
-
-    def reset(self):
-        self._m = None
 
     def guide(self, yc, yu, w, ctx):
         delta = yc - yu
         if self.momentum != 0:
-            self._m = delta if self._m is None else delta + self.momentum * self._m
-            delta = self._m
-        cap = 1.0
-        if self.rescale > 0:
-            cap = torch.clamp(self.rescale / _norm(delta).clamp_min(1e-12), max=1.0)
+            m = ctx.state.get(self)
+            delta = delta if m is None else delta + self.momentum * m
+            ctx.state[self] = delta
         coef = _dot(delta, yc) / _dot(yc, yc).clamp_min(1e-300)  # Δ_∥ = coef · y_c
         # y_c + (w − 1)·cap·(Δ_⊥ + η Δ_∥) with Δ_⊥ = Δ − coef·y_c, as one combination of y_c and Δ
-        k = (w - 1) * cap
-        return torch.add(yc * (1 - k * (1 - self.eta) * coef).to(yc.dtype), delta * torch.as_tensor(k).to(delta))
+        if self.rescale > 0:
+            k = (w - 1) * torch.clamp(self.rescale / _norm(delta).clamp_min(1e-12), max=1.0)
+            return torch.add(yc * (1 - k * (1 - self.eta) * coef).to(yc.dtype), delta * k.to(delta.dtype))
+        k = w - 1
+        return torch.add(yc * (1 - k * (1 - self.eta) * coef).to(yc.dtype), delta, alpha=k)
 
 
 class ZeroStar(Modifier):
@@ -172,13 +157,14 @@ class ZeroStar(Modifier):
 
     def guide(self, yc, yu, w, ctx):
         s = _dot32(yc, yu) / (_dot32(yu, yu) + 1e-8)  # float32, as the paper's code
-        return torch.add(w * yc, yu * ((1 - w) * s))  # = s* u_u + w (u_c − s* u_u)
+        return torch.add(w * yc, yu * ((1 - w) * s).to(yu.dtype))  # = s* u_u + w (u_c − s* u_u)
 
 
 class TCFG(Modifier):
     """Tangential damping CFG (Kwon et al., CVPR 2025, arXiv 2503.18137), in ε space: per sample, replace
     ``y_u`` by its component along the first right-singular vector ``v_1`` of ``[y_c; y_u]`` (2 × N), then CFG.
-    ``v_1`` comes from the exact 2×2 Gram-matrix eigen-decomposition (float64) instead of a full SVD."""
+    ``v_1 ∝ Aᵀ e`` with ``e`` the top eigenvector of the 2×2 Gram matrix ``A Aᵀ`` (float64), in closed form instead
+    of a full SVD (no solver call, no host-device synchronisation): ``y_u ← a y_c + b y_u`` per sample."""
 
     name, space = "tcfg", "eps"
 
@@ -186,13 +172,15 @@ class TCFG(Modifier):
         self.space = space
 
     def guide(self, yc, yu, w, ctx):
-        c, u = yc.flatten(1).double(), yu.flatten(1).double()
-        gram = torch.stack([torch.stack([(c * c).sum(1), (c * u).sum(1)], -1),
-                            torch.stack([(c * u).sum(1), (u * u).sum(1)], -1)], -2)
-        vecs = torch.linalg.eigh(gram).eigenvectors[..., :, -1]  # top eigenvector of A Aᵀ
-        p = vecs[:, :1] * c + vecs[:, 1:] * u  # ∝ v_1 = Aᵀ e_1
-        u_par = ((u * p).sum(1, keepdim=True) / (p * p).sum(1, keepdim=True).clamp_min(1e-300)) * p
-        u_new = u_par.reshape(yu.shape).to(yu.dtype)
+        cc, cu, uu = _dot(yc, yc), _dot(yc, yu), _dot(yu, yu)
+        top = (cc + uu) / 2 + torch.sqrt(((cc - uu) / 2) ** 2 + cu**2)  # largest eigenvalue of [[cc, cu], [cu, uu]]
+        e0 = torch.where(cc >= uu, top - uu, cu)  # its eigenvector (e0, e1), from the better-conditioned row
+        e1 = torch.where(cc >= uu, cu, top - cc)
+        flat = (e0 == 0) & (e1 == 0)  # Gram matrix ∝ identity: every direction is top; take y_c's
+        e0 = torch.where(flat, torch.ones_like(e0), e0)
+        pp = e0 * e0 * cc + 2 * e0 * e1 * cu + e1 * e1 * uu  # ‖p‖² for p = e0 y_c + e1 y_u
+        coef = (e0 * cu + e1 * uu) / pp.clamp_min(1e-300)  # ⟨y_u, p⟩/‖p‖²
+        u_new = torch.add(yc * (coef * e0).to(yc.dtype), yu * (coef * e1).to(yu.dtype))
         return u_new + w * (yc - u_new)
 
 
@@ -211,7 +199,7 @@ class MAMBO(Modifier):
         diff = yc - yu
         ratio = (_dot32(diff, diff) / _dot32(yu, yu).clamp_min(1e-24)).sqrt()
         w_eff = 1.0 + (w - 1.0) * torch.exp(-self.alpha * ratio)
-        return yu + w_eff * diff
+        return yu + w_eff.to(diff.dtype) * diff
 
 
 class CFGZeroStar(CFG):
@@ -266,7 +254,7 @@ class CFGPP(CFG):
             return preds["cond"]
         du = preds["uncond"]
         d = du + self.weight(ctx) * (preds["cond"] - du)
-        return Denoised(d, (ctx.x - ctx.a * du) / ctx.s, du)
+        return Denoised(d, ctx.point.eps(ctx.x, du), du)
 
 
 class Adaptive(CFG):
@@ -286,14 +274,10 @@ class Adaptive(CFG):
         if not -1 <= threshold <= 1:
             raise ValueError(f"adaptive threshold is a cosine similarity in [-1, 1], got {threshold}")
         self.threshold, self.test_space = float(threshold), test_space
-        self._latched = None
 
-    def reset(self):
-        self._latched = None
-
-    def active(self, ctx):
-        done = self._latched is not None and bool(self._latched.all())
-        return super().active(ctx) and not done
+    def active(self, ctx):  # the latch ([B] bools) is state; skipping the pass needs its value on the host
+        latched = ctx.state.get(self)
+        return super().active(ctx) and not (latched is not None and bool(latched.all()))
 
     def combine(self, preds, ctx):
         if not self.active(ctx):
@@ -301,10 +285,12 @@ class Adaptive(CFG):
         space = ctx.space_at(self.test_space)
         ec, eu = ctx.pred(preds, "cond", space).flatten(1).float(), ctx.pred(preds, "uncond", space).flatten(1).float()
         cos = F.cosine_similarity(ec, eu, dim=1)
-        hit = cos >= self.threshold
-        self._latched = hit if self._latched is None else (self._latched | hit)
+        latched = cos >= self.threshold
+        if ctx.state.get(self) is not None:
+            latched = latched | ctx.state[self]
+        ctx.state[self] = latched
         guided = super().combine(preds, ctx)
-        keep = self._latched.reshape(-1, *([1] * (guided.ndim - 1)))
+        keep = latched.reshape(-1, *([1] * (guided.ndim - 1)))
         return torch.where(keep, preds["cond"], guided)
 
     def __repr__(self):
@@ -315,12 +301,16 @@ class Adaptive(CFG):
 # FDG: Laplacian pyramid (Burt & Adelson), written here: 5×5 binomial blur with reflect padding, bilinear 2×.
 
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+_KERNELS: dict = {}  # (device, dtype) -> the 5×5 kernel, so no host-to-device copy per call
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
-    k = _BINOMIAL.to(x)
-    k2 = (k[:, None] * k[None, :]).expand(c, 1, 5, 5)
+    key = (x.device, x.dtype)
+    if key not in _KERNELS:
+        k = _BINOMIAL.to(device=x.device, dtype=x.dtype)
+        _KERNELS[key] = k[:, None] * k[None, :]
+    k2 = _KERNELS[key].expand(c, 1, 5, 5)
     mode = "reflect" if min(h, w) > 2 else "replicate"  # reflect needs more pixels than the pad
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode=mode), k2, groups=c)
 
@@ -373,7 +363,7 @@ class FDG(CFG):
         self.parallel_weight, self.space = float(parallel_weight), space
 
     def active(self, ctx):
-        return super().active(ctx) or (self.sigma_lo < ctx.sigma <= self.sigma_hi and any(s != 1 for s in self.scales))
+        return super().active(ctx) or (self.sigma_lo < ctx.sigma_bar <= self.sigma_hi and any(s != 1 for s in self.scales))
 
     def guide(self, yc, yu, w, ctx):
         if yc.ndim != 4:
@@ -419,21 +409,21 @@ class Characteristic(CFG):
         self.reg, self.step, self.tol, self.max_iter = reg, float(step), float(tol), int(max_iter)
 
     def combine(self, preds, ctx):
-        if not self.active(ctx) or ctx.a == 0:  # at α = 0 the ε predictions carry no information: CFG
+        p = ctx.point
+        if not self.active(ctx) or p.alpha == 0:  # at α = 0 the ε predictions carry no information: CFG
             return super().combine(preds, ctx)
         w, x = self.weight(ctx), ctx.x
-        eps = lambda xs, x0: (xs - ctx.a * x0) / ctx.s  # noqa: E731
-        ec, eu = eps(x, preds["cond"]), eps(x, preds["uncond"])
-        g0 = ctx.s * (eu - ec)
-        ghat = g0 / _norm(g0).clamp_min(1e-30)
+        ec, eu = p.eps(x, preds["cond"]), p.eps(x, preds["uncond"])
+        g0 = p.sigma * (eu - ec)
+        ghat = (_wide(g0) / _norm(g0).clamp_min(1e-30).to(_wide(g0).dtype)).to(g0.dtype)
 
         def proj(v):
-            return v if self.reg is None else _dot(v, ghat) * ghat / (1 + self.reg)
+            return v if self.reg is None else (_dot(v, ghat) / (1 + self.reg)).to(v.dtype) * ghat
 
         dx = torch.zeros_like(x)
         converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for it in range(self.max_iter + 1):
-            target = proj(ctx.s * (eu - ec))
+            target = proj(p.sigma * (eu - ec))
             converged = (dx - target).flatten(1).float().pow(2).mean(1).sqrt() < self.tol
             if bool(converged.all()) or it == self.max_iter:
                 break
@@ -441,7 +431,7 @@ class Characteristic(CFG):
             dx = torch.where(moving, dx - self.step * (dx - target), dx)
             xc, xu = x + (w - 1) * dx, x + w * dx
             out = ctx.evaluate({"cond": xc, "uncond": xu})
-            ec, eu = eps(xc, out["cond"]), eps(xu, out["uncond"])
+            ec, eu = p.eps(xc, out["cond"]), p.eps(xu, out["uncond"])
         guided = ctx.x0(eu + w * (ec - eu), "eps")
         keep = converged.reshape(-1, *([1] * (x.ndim - 1)))
         return torch.where(keep, guided, super().combine(preds, ctx))
@@ -468,7 +458,7 @@ class PerpNeg(Term):
         self.neg_scale, self.space = float(neg_scale), space
 
     def active(self, ctx):
-        return self.sigma_lo < ctx.sigma <= self.sigma_hi
+        return self.sigma_lo < ctx.sigma_bar <= self.sigma_hi
 
     def branches(self, ctx):
         return ("cond", "uncond", "negative") if self.active(ctx) else ("cond",)
@@ -546,7 +536,7 @@ class TAG(OutputModifier):
         self.eta, self.eta_r = float(eta), float(eta_r)
 
     def apply(self, d, preds, ctx):
-        base = ctx.x if (ctx.path.kind == "flow" or ctx.a == 0) else ctx.x / ctx.a
+        base = ctx.x if (ctx.path.kind == "flow" or ctx.point.alpha == 0) else ctx.x / ctx.point.alpha
         step = d - base
         par, orth = _project(step, ctx.x)
         return base + self.eta * orth + self.eta_r * par

@@ -21,65 +21,10 @@ from typing import Callable
 
 import torch
 
-from ..paths import Path
-from ..prediction import KINDS
-from ..solvers import Denoised
+from ..core import Ctx, Denoised
 from ..spec import parse_spec
 
 __all__ = ["Ctx", "Guidance", "Term", "OutputModifier", "Stack", "interval", "parse", "REGISTRY", "register"]
-
-
-@dataclass
-class Ctx:
-    """What a guidance method sees at one model evaluation."""
-
-    x: torch.Tensor
-    t: float
-    sigma: float  # σ̄ = σ/α (inf at α = 0)
-    a: float
-    s: float
-    da: float
-    ds: float
-    step: int
-    path: Path
-    evaluate: Callable | None = None  # {branch: x} -> {branch: x0}; extra NFEs, counted by the loop
-    prediction: str = "x0"  # the model's native output kind ("raw" space)
-    raw: dict = field(default_factory=dict)  # id(x0 tensor) -> the raw model output it was converted from
-
-    def pred(self, preds: dict, name: str, space: str) -> torch.Tensor:
-        """Branch ``name`` in ``space``: the model's own output when that is its native space, else converted."""
-        kind = self.prediction if space == "raw" else space
-        x0 = preds[name]
-        if kind == self.prediction and id(x0) in self.raw:
-            return self.raw[id(x0)]
-        return self.to(x0, space)
-
-    def space_at(self, space: str) -> str:
-        """``space``, or x0 where it cannot represent x0: at α = 0 every ε (or score) prediction equals x/σ, so
-        methods defined in ε space work in x0 space at that single point."""
-        kind = self.prediction if space == "raw" else space
-        return "x0" if self.a == 0 and kind in ("eps", "score") else space
-
-    def affine(self, space: str) -> tuple[float, float]:
-        """(A, B) with ``y = A·x + B·x̂0`` for a prediction in ``space`` at this point: ε = (x − α x̂0)/σ,
-        v = α ε − σ x̂0, flow u = α̇ x̂0 + σ̇ ε, score = −ε/σ."""
-        space = self.prediction if space == "raw" else space
-        a, s, da, ds = self.a, self.s, self.da, self.ds
-        table = {"x0": (0.0, 1.0), "eps": (1 / s, -a / s), "v": (a / s, -a * a / s - s),
-                 "flow": (ds / s, da - ds * a / s), "score": (-1 / s**2, a / s**2)}
-        if space not in table:
-            raise ValueError(f"unknown space {space!r}; allowed: raw, {', '.join(KINDS)}")
-        return table[space]
-
-    def to(self, x0: torch.Tensor, space: str) -> torch.Tensor:
-        """Convert an x0 prediction at this point into ``space`` (x0, eps, v, flow, score or raw)."""
-        A, B = self.affine(space)
-        return x0 if A == 0.0 and B == 1.0 else torch.add(x0 * B, self.x, alpha=A)
-
-    def x0(self, y: torch.Tensor, space: str) -> torch.Tensor:
-        """Convert a prediction in ``space`` at this point back to x0."""
-        A, B = self.affine(space)
-        return y if A == 0.0 and B == 1.0 else torch.add(y * (1 / B), self.x, alpha=-A / B)
 
 
 def _in(lo: float, hi: float, sigma: float) -> bool:
@@ -100,7 +45,11 @@ class Guidance:
     needs_renoise = False  # returns a separate re-noise estimate (CFG++)
 
     def reset(self) -> None:
-        """Called at the start of every sampling call (clears state such as momentum)."""
+        """Called at the start of every sampling call (restarts random streams such as TPG's shuffle). State that
+        lives across steps (momentum, latches) is kept in ``ctx.state``, not in the object."""
+
+    def prepare(self, device: torch.device) -> None:
+        """Called at the start of every sampling call with the device of the state (moves named guide models)."""
 
     def skip_all(self, ctx: Ctx) -> bool:
         """True when this evaluation needs no network output at all (CFG-Zero*'s zero-init)."""
@@ -149,12 +98,12 @@ class Term(Guidance):
         self.schedule = get_schedule(schedule, clamp)
 
     def weight(self, ctx: Ctx) -> float:
-        if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma):
+        if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma_bar):
             return 1.0
-        return self.scale if self.schedule is None else self.schedule(self.scale, ctx.sigma)
+        return self.scale if self.schedule is None else self.schedule(self.scale, ctx.sigma_bar)
 
     def active(self, ctx: Ctx) -> bool:
-        if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma):
+        if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma_bar):
             return False
         return self.always_neg or self.weight(ctx) != 1.0
 
@@ -216,6 +165,10 @@ class Stack(Guidance):
     def reset(self):
         for p in self.parts:
             p.reset()
+
+    def prepare(self, device):
+        for p in self.parts:
+            p.prepare(device)
 
     def branch_specs(self):
         out = {}

@@ -11,23 +11,12 @@ the model's middle block. Cost: +1 NFE per step while active.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
-from ..models import hooks
+from ..core import Branch
+from ..models import get_model, hooks
 from .core import Term, register
 
 __all__ = ["Branch", "Perturbed", "Autoguidance", "pag", "seg", "tpg", "slg", "autoguidance"]
-
-
-@dataclass(frozen=True)
-class Branch:
-    """How to evaluate a branch: which conditioning, with which perturbation, through which model."""
-
-    cond: str = "cond"
-    perturbation: hooks.Perturbation | None = None
-    model: Any = None  # None: the sampled model
-    reference: str | None = None  # a branch whose rows the perturbation reads (NAG's negative), same batch
 
 
 class Perturbed(Term):
@@ -53,7 +42,9 @@ class Autoguidance(Term):
     """Autoguidance (Karras et al., NeurIPS 2024, "Guiding a Diffusion Model with a Bad Version of Itself",
     arXiv 2406.02507): ``D = D_0 + w (D_1 − D_0)`` with ``D_1`` the main model and ``D_0`` a weaker version of the same
     conditional model (smaller and/or shorter trained), both given the same condition (EDM2's generate_images.py).
-    ``guide`` must be a Denoiser on the same path. The guide's pass is a separate forward (a different network).
+    ``guide`` must be a Denoiser on the same path, or the name of a registered model (``steer.models.get_model``,
+    e.g. the digits testbed's ``'flow-weak'``), which is moved to the sampling device. The guide's pass is a
+    separate forward (a different network).
     Default w = 2.1 (paper Table 1, EDM2-S with an XS guide, FID)."""
 
     name, neg, space = "autoguidance", "guide", "x0"
@@ -62,12 +53,13 @@ class Autoguidance(Term):
         if guide is None:
             raise ValueError("autoguidance needs guide=, a weaker Denoiser of the same model (e.g. "
                              "steer.testbeds.digits.load('flow-weak'), or the name 'flow-weak')")
-        if isinstance(guide, str):  # a digits testbed model by name, so spec strings can use it
-            from ..testbeds import digits
-
-            guide = digits.load(guide)
+        self.guide_name = guide if isinstance(guide, str) else None  # a registered model, so spec strings can use it
         super().__init__(scale, **kwargs)
-        self.guide_model = guide
+        self.guide_model = get_model(guide) if isinstance(guide, str) else guide
+
+    def prepare(self, device):
+        if self.guide_name is not None and hasattr(self.guide_model, "to"):
+            self.guide_model = self.guide_model.to(device)
 
     def branch_specs(self):
         return {"guide": Branch("cond", None, self.guide_model)}
@@ -186,8 +178,7 @@ class SAG(Term):
         mask = (received > 1.0).float().reshape(b, 1, *grid)
         mask = torch.nn.functional.interpolate(mask, size=x.shape[-2:], mode="nearest").to(x.dtype)
         degraded = mask * _gaussian_blur(d_src, self.blur_sigma) + (1 - mask) * d_src
-        eps = (x - ctx.a * d_src) / ctx.s
-        x_deg = ctx.a * degraded + ctx.s * eps
+        x_deg = ctx.point.alpha * degraded + ctx.point.sigma * ctx.point.eps(x, d_src)
         d_again = ctx.evaluate({"sag_eval": x_deg})["sag_eval"]
         return preds["cond"] + (self.weight(ctx) - 1) * (degraded - d_again)
 

@@ -8,7 +8,7 @@ Coordinates. A diffusers scheduler keeps its ``sample`` in one of three systems:
 - VP schedulers (DDIM, DDPM, DPMSolverMultistep, UniPC, DEIS): ``x = α x0 + σ ε``, steer's own VP coordinates;
   ``scale_model_input`` is the identity and ``init_noise_sigma`` is 1.
 - k-diffusion ("VE") schedulers (Euler, Heun, EulerAncestral, LMS, KDPM2): ``x̄ = x/α`` at noise level
-  ``σ̄ = σ/α`` (``scheduler.sigmas``, steer's ``path.sigma_ve``); ``scale_model_input`` divides by
+  ``σ̄ = σ/α`` (``scheduler.sigmas``, steer's ``path.sigma_bar``); ``scale_model_input`` divides by
   ``sqrt(σ̄² + 1) = 1/α``, which hands the network VP coordinates again.
 - Flow-matching schedulers: ``x = (1 − t) x0 + t ε``, and ``scheduler.sigmas`` *is* the flow time t
   (``timestep = 1000·t``).
@@ -93,7 +93,7 @@ def scheduler_levels(scheduler, path: "str | Path") -> tuple[torch.Tensor, torch
             raise ValueError(f"{type(scheduler).__name__} is a flow-matching scheduler but the path is {path.name!r}")
         raw, to_t = sigmas, lambda s: s  # the flow-matching sigma is t itself
     elif sigmas is not None and len(sigmas) > n:
-        raw, to_t = sigmas, path.t_from_sigma_ve
+        raw, to_t = sigmas, path.t_from_sigma_bar
     elif hasattr(scheduler, "alphas_cumprod"):  # DDIM, DDPM: indexed by the integer timestep
         ac = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
         last = int(scheduler.timesteps[-1])
@@ -108,7 +108,7 @@ def scheduler_levels(scheduler, path: "str | Path") -> tuple[torch.Tensor, torch
                               "grid (its timesteps) does not describe those steps exactly", stacklevel=2)
         a_final = ac[prev] if prev >= 0 else torch.tensor(final, dtype=torch.float64)
         ab = torch.cat([ac[scheduler.timesteps.long()], a_final.reshape(1)])
-        raw, to_t = torch.sqrt((1 - ab) / ab), path.t_from_sigma_ve
+        raw, to_t = torch.sqrt((1 - ab) / ab), path.t_from_sigma_bar
     else:
         raise TypeError(f"cannot read the noise levels of {type(scheduler).__name__} (no sigmas or alphas_cumprod)")
     # Convert each distinct level once (this drops the repeats of Heun-type schedulers; converting repeats

@@ -13,7 +13,21 @@ import torch
 from ..paths import Path, get_path
 from ..prediction import check_kind
 
-__all__ = ["Denoiser", "FunctionDenoiser", "denoiser"]
+__all__ = ["Denoiser", "FunctionDenoiser", "denoiser", "register_model", "get_model", "MODELS"]
+
+MODELS: dict[str, Callable] = {}  # name -> loader of a Denoiser (filled by the testbeds and by users)
+
+
+def register_model(name: str, loader: Callable) -> None:
+    """Make ``loader()`` reachable by ``name`` (in spec strings such as ``autoguidance(guide='flow-weak')``)."""
+    MODELS[name] = loader
+
+
+def get_model(name: str):
+    """A fresh instance of the model registered as ``name``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS)) or 'none'}")
+    return MODELS[name]()
 
 
 @runtime_checkable

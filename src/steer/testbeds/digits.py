@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from ..paths import Path, get_path
 from ..prediction import check_kind, convert
+from ..models import register_model
 from .digits_net import NULL_LABEL, DigitClassifier, DigitsNet
 
 __all__ = [
@@ -93,7 +94,7 @@ def _forward(net, net_output: str, prediction: str, path: Path, x, t, labels):
     out = net(x, t, labels)
     if net_output == prediction:
         return out
-    return convert(out, net_output, prediction, x, t.detach().double().cpu(), path)  # path tables live on the CPU
+    return convert(out, net_output, prediction, x, t.detach(), path)
 
 
 class DigitsModel:
@@ -133,7 +134,7 @@ class DigitsModel:
         if cond is None:
             return torch.full((batch,), NULL_LABEL, dtype=torch.long, device=device)
         labels = torch.as_tensor(cond, device=device)
-        if labels.is_floating_point() or labels.is_complex():
+        if (labels.is_floating_point() or labels.is_complex()) and labels.device.type == "cpu":
             if not torch.equal(labels, labels.round()):
                 raise ValueError("digits cond must hold integer labels 0-9 (10 = null)")
         labels = labels.long().reshape(-1)
@@ -141,7 +142,8 @@ class DigitsModel:
             labels = labels.expand(batch)
         if labels.shape[0] != batch:
             raise ValueError(f"cond has {labels.shape[0]} labels for a batch of {batch}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > NULL_LABEL):
+        # the range check reads the labels on the host: only on the CPU, so a GPU forward does not synchronise
+        if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > NULL_LABEL):
             raise ValueError(f"digits labels must lie in 0-{NULL_LABEL} ({NULL_LABEL} = null), got "
                              f"{int(labels.min())}..{int(labels.max())}")
         return labels
@@ -492,3 +494,8 @@ def train_all(weights_dir: "str | os.PathLike | None" = None, seed: int = 0, nam
         module, info = train_model(name, recipes[name], seed=seed, callback=cb)
         out[name] = save(name, module, info, weights_dir)
     return out
+
+
+for _name in ("eps", "flow", "flow-weak"):  # named models for spec strings: autoguidance(guide='flow-weak')
+    register_model(f"digits-{_name}", functools.partial(load, _name))
+register_model("flow-weak", functools.partial(load, "flow-weak"))
