@@ -70,7 +70,7 @@ def combine_table(batch: int, size: int, repeats: int) -> list[str]:
     x = torch.randn(shape, generator=gen)
     p = get_path("flow")
     t = 0.6
-    ctx = Ctx(x, t, float(p.sigma_ve(t)), float(p.alpha(t)), float(p.sigma(t)), -1.0, 1.0, 3, p, None, "flow")
+    ctx = Ctx.at(x, p, t, 3, None, "flow")
     # as in the loop: the model's raw outputs (flow velocities c, u, n) are converted to x0 once, and methods in
     # the model's own space read the raw tensors back through ctx.raw
     preds = {k: ctx.x0(v, "flow") for k, v in (("cond", c), ("uncond", u), ("negative", n))}
@@ -120,9 +120,6 @@ def combine_table(batch: int, size: int, repeats: int) -> list[str]:
         fn = diffusers_fn(make) if make is not None else None
         if fn is not None:
             fns.append(fn)
-        for m in (method, raw):
-            if m is not None:
-                m.reset()
         times = timeit(fns, repeats)
         base, t_s = times[0], times[1]
         t_raw = times[2] if raw is not None else None

@@ -16,9 +16,7 @@ T = lambda *v: torch.tensor([list(v)], dtype=torch.float64)  # noqa: E731  one s
 
 def ctx_at(x, path="flow", t=0.4, step=0, evaluate=None, prediction="x0"):
     p = get_path(path)
-    a, s = float(p.alpha(t)), float(p.sigma(t))
-    return Ctx(x, t, s / a if a else math.inf, a, s, float(p.d_alpha(t)), float(p.d_sigma(t)), step, p, evaluate,
-               prediction)
+    return Ctx.at(x, p, t, step, evaluate, prediction)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,14 +41,16 @@ def test_apg_formula_by_hand():
     assert torch.allclose(capped, T(3 - 0.64 / 13**0.5, 4 + 0.48 / 13**0.5))
 
 
-def test_apg_momentum_is_a_running_sum_reset_per_call():
+def test_apg_momentum_is_a_running_sum_kept_in_the_state():
     apg = g.APG(eta=1.0, rescale=0.0, momentum=-0.5)
+    ctx = ctx_at(T(0, 0))
     # first evaluation: m = Δ1 = (2, 3); η = 1, no cap: D = D_c + (w − 1) m
-    assert torch.allclose(apg.guide(T(3, 4), T(1, 1), 2.0, None), T(5, 7))
+    assert torch.allclose(apg.guide(T(3, 4), T(1, 1), 2.0, ctx), T(5, 7))
+    assert torch.equal(ctx.state[apg], T(2, 3))
     # second: Δ2 = (1, 0); m = Δ2 + β m = (1 − 1, 0 − 1.5) = (0, −1.5)
-    assert torch.allclose(apg.guide(T(1, 0), T(0, 0), 2.0, None), T(1, -1.5))
-    apg.reset()
-    assert torch.allclose(apg.guide(T(1, 0), T(0, 0), 2.0, None), T(2, 0))
+    assert torch.allclose(apg.guide(T(1, 0), T(0, 0), 2.0, ctx), T(1, -1.5))
+    # a new sampling call starts from an empty state
+    assert torch.allclose(apg.guide(T(1, 0), T(0, 0), 2.0, ctx_at(T(0, 0))), T(2, 0))
 
 
 def test_zero_star_formula():
@@ -110,7 +110,7 @@ def test_tag_formula():
     assert torch.allclose(g.TAG(eta=2.0).apply(T(0, 1), {}, ctx), T(0, 2))
     # VP path works in x̄ = x/α
     ctx = ctx_at(T(1.0, 0.0), "vp-cosine", t=0.5)
-    a = ctx.a
+    a = ctx.point.alpha
     got = g.TAG(eta=2.0).apply(T(0, 1), {}, ctx)
     assert torch.allclose(got, T(1 / a + (0 - 1 / a), 2.0))
 
@@ -254,7 +254,7 @@ def test_interval_skips_the_unconditional_pass(toy):
     labels = torch.arange(8) % 3
     full = steer.sample(den, cond=labels, guidance="cfg(scale=3)", solver="euler", steps=20, seed=0, return_info=True)
     grid = den.path.default_grid(20)
-    sig = den.path.sigma_ve(grid[:-1])
+    sig = den.path.sigma_bar(grid[:-1])
     inside = int(((sig > 0.28) & (sig <= 5.42)).sum())
     part = steer.sample(den, cond=labels, guidance="cfg(scale=3, sigma_lo=0.28, sigma_hi=5.42)", solver="euler",
                         steps=20, seed=0, return_info=True)

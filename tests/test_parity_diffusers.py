@@ -189,7 +189,7 @@ def test_euler_init_noise_sigma_convention():
     den = G.denoiser(path=path, prediction="eps")
     sch = make_scheduler("euler", path)
     x_d, grid = run_scheduler(sch, den, Z, LABELS, 20)
-    s_max = float(path.sigma_ve(1.0))
+    s_max = float(path.sigma_bar(1.0))
     assert float(sch.init_noise_sigma) == pytest.approx(s_max, rel=1e-6)
     leading = make_scheduler("euler", path, timestep_spacing="leading")
     leading.set_timesteps(20)
@@ -306,12 +306,12 @@ def test_dpmpp_3m_sde_d2_coefficient():
 
     # steer's published 3M SDE on the same grid and inputs (noise 0) takes the A2 step
     solver = get_solver("dpmpp_3m_sde(variant='published')")
-    solver.start(path, scheduler_levels(sch, path)[1])
+    state = solver.init(path, scheduler_levels(sch, path)[1])
     it = iter(ms)
     x = x0.double()
     for i in range(3):
         m = next(it).double()
-        x = solver.step(i, x, lambda x_, t_, m=m: Denoised(m), lambda like: torch.zeros_like(like))
+        x, state = solver.step(i, x, state, lambda x_, t_, m=m: Denoised(m), lambda like: torch.zeros_like(like))
     assert maxdiff(x, correct) < TOL
 
 
@@ -333,9 +333,9 @@ def test_ddpm_fixed_large_noises_the_final_step():
 
     path = steer.get_path("vp-linear")
     solver = get_solver("ddpm(variance='large')")
-    solver.start(path, scheduler_levels(sch, path)[1])
+    state = solver.init(path, scheduler_levels(sch, path)[1])
     x0 = torch.randn(4, 2)
-    y = solver.step(9, torch.zeros(4, 2), lambda x_, t_: Denoised(x0), lambda like: torch.randn_like(like))
+    y, _ = solver.step(9, torch.zeros(4, 2), state, lambda x_, t_: Denoised(x0), lambda like: torch.randn_like(like))
     assert torch.equal(y, x0)
 
 

@@ -27,7 +27,7 @@ def preds(seed=0, shape=SHAPE):
 
 def ctx_raw(x=None, step=0, prediction="x0"):
     p = get_path("flow")
-    return Ctx(torch.zeros(SHAPE) if x is None else x, 0.5, 1.0, 0.5, 0.5, -1.0, 1.0, step, p, None, prediction)
+    return Ctx.at(torch.zeros(SHAPE) if x is None else x, p, 0.5, step, None, prediction)
 
 
 def run_diffusers(guider, c, u, step=0, steps=10):
@@ -61,14 +61,14 @@ def test_apg_with_matched_conventions_over_two_evaluations():
 
     w, eta, r, beta = 8.0, 0.0, 15.0, -0.5
     ours = g.apg(w, eta=eta, rescale=r, momentum=beta, space="raw")
-    ours.reset()
+    ctx = ctx_raw()  # one sampling call: the momentum lives in ctx.state
     theirs = guiders.AdaptiveProjectedGuidance(guidance_scale=w - 1, eta=eta, adaptive_projected_guidance_rescale=r,
                                                adaptive_projected_guidance_momentum=beta, use_original_formulation=True)
     theirs.momentum_buffer = MomentumBuffer(beta)
     for step, seed in enumerate((2, 3)):
         c, u = preds(seed)
         c, u = 4 * c, 4 * u  # ‖Δ‖ above r, so the norm cap is exercised
-        assert close(steer_combine(ours, c, u), run_diffusers(theirs, c, u, step=step))
+        assert close(steer_combine(ours, c, u, ctx), run_diffusers(theirs, c, u, step=step))
 
 
 def test_diffusers_apg_default_form_drops_the_parallel_unit_step():
@@ -167,8 +167,8 @@ def test_guidance_interval_is_stated_in_sigma_not_step_fractions():
     method = g.cfg(2.0, sigma_lo=0.28, sigma_hi=5.42)
     for steps in (16, 32, 64):
         ts = p.default_grid(steps)
-        active = [method.active(Ctx(torch.zeros(1), float(t), float(p.sigma_ve(t)), 1.0, float(p.sigma(t)), 0, 1, 0, p))
+        active = [method.active(Ctx.at(torch.zeros(1), p, float(t)))
                   for t in ts[:-1]]
-        sig = p.sigma_ve(ts[:-1])
+        sig = p.sigma_bar(ts[:-1])
         assert all(a == bool(0.28 < s <= 5.42) for a, s in zip(active, sig.tolist()))
     assert math.isfinite(method.sigma_hi)

@@ -17,8 +17,8 @@ ts = st.floats(min_value=0.002, max_value=0.998)
 def test_lambda_and_sigma_inverses(name, t):
     p = get_path(name)
     assert float(p.t_from_lambda(p.lam(t))) == pytest.approx(t, abs=1e-9)
-    assert float(p.t_from_sigma_ve(p.sigma_ve(t))) == pytest.approx(t, abs=1e-9)
-    assert float(p.sigma_ve(t)) == pytest.approx(float(p.sigma(t) / p.alpha(t)), rel=1e-12)
+    assert float(p.t_from_sigma_bar(p.sigma_bar(t))) == pytest.approx(t, abs=1e-9)
+    assert float(p.sigma_bar(t)) == pytest.approx(float(p.sigma(t) / p.alpha(t)), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -69,7 +69,7 @@ def test_flow_and_edm_coefficients():
     assert float(f.alpha(0.25)) == 0.75 and float(f.sigma(0.25)) == 0.25
     assert float(f.lam(0.25)) == pytest.approx(math.log(3))
     assert float(e.alpha(0.5)) == 1.0 and float(e.sigma(0.5)) == 40.0
-    assert float(e.sigma_ve(0.5)) == 40.0
+    assert float(e.sigma_bar(0.5)) == 40.0
 
 
 def test_flow_shift_is_a_log_snr_offset_and_flux_mu():
@@ -87,7 +87,7 @@ def test_flow_shift_is_a_log_snr_offset_and_flux_mu():
 def test_karras_grid_by_hand():
     p = get_path("edm")
     g = paths.karras(p, 3, sigma_min=0.002, sigma_max=80.0, rho=7.0)
-    sig = p.sigma_ve(g[:-1])
+    sig = p.sigma_bar(g[:-1])
     mid = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert torch.allclose(sig, torch.tensor([80.0, mid, 0.002], dtype=torch.float64), rtol=1e-10)
     assert g[-1] == 0 and len(g) == 4

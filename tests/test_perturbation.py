@@ -141,7 +141,7 @@ def test_perturbed_branch_batched_equals_alone(spec):
 
 
 def test_term_formulas_by_hand():
-    ctx = g.Ctx(torch.zeros(1, 2), 0.5, 1.0, 0.5, 0.5, -1.0, 1.0, 0, steer.get_path("flow"))
+    ctx = g.Ctx.at(torch.zeros(1, 2), steer.get_path("flow"), 0.5)
     preds = {"cond": torch.tensor([[1.0, 2.0]]), "uncond": torch.tensor([[0.0, 1.0]]), "pag": torch.tensor([[0.5, 0.0]])}
     # pag alone, w = 3: D_c + 2 (D_c − D_p) = (1 + 1, 2 + 4)
     assert torch.allclose(g.pag(3.0).combine(preds, ctx), torch.tensor([[2.0, 6.0]]))
@@ -173,7 +173,7 @@ def test_pag_interval_skips_the_perturbed_pass():
     res = steer.sample(den, cond=torch.tensor([1]), guidance="pag(scale=3, sigma_lo=0.5, sigma_hi=2)", steps=10,
                        seed=0, return_info=True)
     grid = den.path.default_grid(10)
-    sig = den.path.sigma_ve(grid[:-1])
+    sig = den.path.sigma_bar(grid[:-1])
     assert res.nfe == 10 + int(((sig > 0.5) & (sig <= 2)).sum())
 
 

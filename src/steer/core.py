@@ -137,6 +137,12 @@ class Ctx:
     state: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)  # grad branches: name -> the input leaf that requires grad
 
+    @classmethod
+    def at(cls, x: torch.Tensor, path, t: float, step: int = 0, evaluate: Callable | None = None,
+           prediction: str = "x0") -> "Ctx":
+        """The context at time ``t`` of ``path`` (for calling a guidance method by hand)."""
+        return cls(x, points(path, [t])[0], step, path, evaluate, prediction)
+
     @property
     def sigma_bar(self) -> float:
         return self.point.sigma_bar

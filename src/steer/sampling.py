@@ -357,7 +357,10 @@ def _grid(model, steps, timesteps) -> torch.Tensor:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         return model.path.default_grid(steps)
-    grid = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).flatten()
+    if isinstance(timesteps, torch.Tensor):  # on any device: the grid is host-side configuration
+        grid = timesteps.detach().to("cpu", torch.float64).flatten()
+    else:
+        grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
     if len(grid) < 2:
         raise ValueError(f"timesteps needs at least 2 values (start … end), got {len(grid)}")
     if not torch.all(grid[1:] < grid[:-1]):
