@@ -9,6 +9,7 @@ seeded per item, and checks once per step that the state is finite, naming who m
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -124,10 +125,8 @@ class Sampler:
         if n_cond is not None and n_cond not in (1, batch):
             raise ValueError(f"cond has batch {n_cond} but noise has batch {batch}; they must match (or cond batch 1)")
         cond = condlib.expand(cond, batch)
-        if self.guide is not None and uncond is None:
-            if not hasattr(model, "null_cond"):
-                raise ValueError(f"{self.guide!r} needs an unconditional branch: pass uncond= (this model has no null_cond)")
-            uncond = model.null_cond(cond, batch)
+        if self.guide is not None and uncond is None and hasattr(model, "null_cond"):
+            uncond = model.null_cond(cond, batch)  # a method that needs it and finds none says so when it asks
         for name, c in (("uncond", uncond), ("negative", negative)):
             n = condlib.batch_size(c)
             if n is not None and n not in (1, batch):
@@ -281,7 +280,9 @@ class _Evaluator:
         groups: dict[tuple, list[str]] = {}
         for n in xs:
             if self.conds.get(spec(n).cond) is None and spec(n).cond != "cond":
-                raise ValueError(f"{self.guide!r} needs the {spec(n).cond!r} conditioning: pass {spec(n).cond}= to sample()")
+                hint = " (this model has no null_cond)" if spec(n).cond == "uncond" else ""
+                raise ValueError(f"{self.guide!r} needs the {spec(n).cond!r} conditioning: pass {spec(n).cond}= to "
+                                 f"sample(){hint}")
             groups.setdefault((id(spec(n).model), spec(n).grad), []).append(n)
         result: dict[str, torch.Tensor] = {}
         b = self.batch
@@ -299,10 +300,10 @@ class _Evaluator:
                 out = self._forward(net, xb, p, cb, names, rows, refs)
                 self.nfe += k
                 x0 = p.x0(out, net.prediction, xb)
-            for n, x0n, outn in zip(names, x0.chunk(k), out.chunk(k)):
-                result[n] = x0n
-                if net is self.model:
-                    self.raw[id(x0n)] = outn
+                for n, x0n, outn in zip(names, x0.chunk(k), out.chunk(k)):
+                    result[n] = x0n
+                    if net is self.model:
+                        self.raw[id(x0n)] = outn
         return result
 
     def denoise(self, x: torch.Tensor, t: float) -> Denoised:
@@ -318,7 +319,9 @@ class _Evaluator:
             ctx = Ctx(x, p, self.step, self.path, lambda xs: self.evaluate(xs, p), self.model.prediction, self.raw,
                       self.gstate, self.inputs)
             names = self.guide.branches(ctx)
-            res = self.guide.combine(self.evaluate({n: x for n in names}, p) if names else {}, ctx)
+            preds = self.evaluate({n: x for n in names}, p) if names else {}
+            with torch.enable_grad() if self.inputs else contextlib.nullcontext():  # a grad branch's graph goes on
+                res = self.guide.combine(preds, ctx)
             d = res if isinstance(res, Denoised) else Denoised(res)
             d = Denoised(*(None if v is None else v.detach().to(x.dtype) for v in (d.x0, d.eps, d.x0_hist)))
             self.record(("guidance", self.step, p.sigma_bar), d.x0)
@@ -406,16 +409,19 @@ def _noise_and_generators(model, noise, cond, shape, seed, generator, device, dt
     else:
         if shape is None:
             item = getattr(model, "sample_shape", None)
-            n = len(generator) if isinstance(generator, list) else condlib.batch_size(cond)
+            n = condlib.batch_size(cond)
+            n = len(generator) if n is None and isinstance(generator, list) else n
             if item is None or n is None:
                 raise ValueError("pass noise=, or shape= (or a cond with a batch and a model with sample_shape)")
             shape = (n, *item)
         device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
         if dtype is None:
             dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    batch = noise.shape[0] if noise is not None else shape[0]
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators (or seeds) for a batch of {batch}: give one per item")
+    if noise is None:
         noise = _randn(tuple(shape), generator, device, dtype)
-    if isinstance(generator, list) and len(generator) != noise.shape[0]:
-        raise ValueError(f"{len(generator)} generators (or seeds) for a batch of {noise.shape[0]}: give one per item")
     return noise, generator
 
 
