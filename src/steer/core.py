@@ -26,7 +26,7 @@ class NonFiniteError(FloatingPointError):
     """A NaN or inf appeared while sampling; the message names who made it first."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TimePoint:
     """A time ``t`` on a path ``x_t = α x0 + σ ε`` with its coefficients (floats)."""
 
@@ -73,8 +73,10 @@ class TimePoint:
             return torch.add(x, y, alpha=-s) / a
         if kind == "v":
             return torch.add(a * x, y, alpha=-s) / (a * a + s * s)
-        if kind == "flow":
-            return torch.add(ds * x, y, alpha=-s) / (ds * a - s * da)
+        if kind == "flow":  # rectified flow (σ̇ = 1, α σ̇ − σ α̇ = 1): x̂0 = x − t û, one operation
+            out = torch.add(x if ds == 1 else ds * x, y, alpha=-s)
+            den = ds * a - s * da
+            return out if den == 1 else out / den
         if kind == "score":
             return torch.add(x, y, alpha=s * s) / a
         raise ValueError(f"unknown prediction kind {kind!r}; allowed: {', '.join(KINDS)}")
@@ -95,7 +97,7 @@ def points(path, ts) -> list[TimePoint]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Denoised:
     """A denoiser's answer at ``(x, t)``: the (guided) x̂0 and, optionally, a separate noise estimate to re-noise
     with (CFG++: ε̂_u; None means ``(x − α x̂0)/σ``) and what multistep solvers remember instead of x̂0 (CFG++: D_u)."""

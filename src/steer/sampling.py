@@ -25,7 +25,7 @@ from .solvers import Solver, get_solver
 __all__ = ["sample", "sampler", "Sampler", "Step", "SampleResult", "NonFiniteError"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One finished step of the open loop."""
 
@@ -138,11 +138,11 @@ class Sampler:
                 raise ValueError(f"{self.guide!r} re-noises with its own estimate, which solver {self.solver.name!r} "
                                  "cannot use; use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
         conds = {"cond": cond, "uncond": condlib.expand(uncond, batch), "negative": condlib.expand(negative, batch)}
-        self.ev = _Evaluator(model, self.guide, self.path, conds, batch)
-        self.ev.record("noise", noise)
-        p0 = points(self.path, self.timesteps[:1])[0]
-        self.x = noise * math.sqrt(p0.alpha**2 + p0.sigma**2)
         self.solver_state = self.solver.init(self.path, self.timesteps)
+        self.ev = _Evaluator(model, self.guide, self.path, conds, batch, self.solver_state["pts"])
+        self.ev.record("noise", noise)
+        p0 = self.solver_state["pts"][0]
+        self._x = noise * math.sqrt(p0.alpha**2 + p0.sigma**2)
         self.i = 0
 
     @property
@@ -153,31 +153,38 @@ class Sampler:
     def passes(self) -> int:
         return self.ev.passes
 
-    def __setattr__(self, name, value):
-        if name == "x" and getattr(self, "x", None) is not None:
-            if not isinstance(value, torch.Tensor) or value.shape != self.x.shape:
-                raise ValueError(f"the new x must be a tensor of shape {tuple(self.x.shape)}, got "
-                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
-        super().__setattr__(name, value)
+    @property
+    def x(self) -> torch.Tensor:
+        """The state: the noise before the first step, the sample after the last."""
+        return self._x
+
+    @x.setter
+    def x(self, value: torch.Tensor) -> None:
+        if not isinstance(value, torch.Tensor) or value.shape != self._x.shape:
+            raise ValueError(f"the new x must be a tensor of shape {tuple(self._x.shape)}, got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        self._x = value
 
     def __iter__(self):
         n = len(self.timesteps) - 1
         bar = _progress(n) if self.progress else None
-        pending = None
+        pending, no_grad = None, torch.no_grad()
         try:
             while self.i < n:
                 i, ev = self.i, self.ev
                 ev.step, ev.first_x0 = i, None
-                with torch.no_grad():
-                    x, self.solver_state = self.solver.step(i, self.x, self.solver_state, ev.denoise, self._noise)
-                    ev.record("solver", x)
-                    done = ev.close_step()
-                if pending is not None:  # check the previous step now that this one is queued: one sync per step
+                with no_grad:
+                    x, self.solver_state = self.solver.step(i, self._x, self.solver_state, ev.denoise, self._noise)
+                    records, ev.records = ev.records, []
+                    records.append(("solver", x))
+                    done = (_total(x), records, i)
+                # check the previous step now that this one is queued (the last step at once): one sync per step
+                if pending is not None and not math.isfinite(float(pending[0])):
                     _raise_first_nonfinite(*pending)
                 pending = done
-                if i == n - 1:
-                    _raise_first_nonfinite(*pending)
-                self.x, self.i = x, i + 1
+                if i == n - 1 and not math.isfinite(float(done[0])):
+                    _raise_first_nonfinite(*done)
+                self._x, self.i = x, i + 1
                 if bar is not None:
                     bar[0].update(bar[1], advance=1)
                 p = self.solver_state["pts"][i]
@@ -198,11 +205,11 @@ class Sampler:
             raise ValueError(f"resample needs a non-empty 1-D integer tensor of row numbers, got {index.dtype} of "
                              f"shape {tuple(index.shape)}")
         rows = index.cpu()
-        b = self.x.shape[0]
+        b = self._x.shape[0]
         if int(rows.min()) < 0 or int(rows.max()) >= b:
             raise ValueError(f"resample rows must lie in 0..{b - 1}, got {int(rows.min())}..{int(rows.max())}")
-        index = index.to(self.x.device)
-        super().__setattr__("x", take(self.x, index))
+        index = index.to(self._x.device)
+        self._x = take(self._x, index)
         self.solver_state = take(self.solver_state, index)
         ev = self.ev
         ev.gstate = take(ev.gstate, index)
@@ -217,7 +224,7 @@ class _Evaluator:
     network (perturbed branches on their own rows, steer.models.hooks; branches that need gradients in a pass of
     their own), conversion to x0, guidance, NFE counts, and the tensors to blame for a NaN."""
 
-    def __init__(self, model, guide: Guidance | None, path, conds: dict, batch: int):
+    def __init__(self, model, guide: Guidance | None, path, conds: dict, batch: int, grid_points: list):
         self.model, self.guide, self.path, self.conds, self.batch = model, guide, path, conds, batch
         self.nfe = self.passes = self.step = 0
         self.first_x0 = None
@@ -225,6 +232,9 @@ class _Evaluator:
         self.raw: dict = {}  # id(x0 of a branch) -> the model output it came from (methods in the model's own space)
         self.inputs: dict = {}  # grad branches: name -> input leaf
         self.pts: dict[float, TimePoint] = {}
+        for p in grid_points:
+            self._check_point(p)
+            self.pts[p.t] = p
         self.tvec: dict = {}
         self.records: list = []  # (who, tensor) made during the current step, in order
         self.specs = guide.branch_specs() if guide is not None else {}
@@ -236,28 +246,32 @@ class _Evaluator:
     def record(self, who, tensor) -> None:
         self.records.append((who, tensor))
 
-    def close_step(self):
-        """A flag (on the device, no sync) that the step's state is finite, with the step's records."""
-        x = self.records[-1][1]
-        records, self.records = self.records, []
-        return _finite(x), records, self.step
-
     def point(self, t: float) -> TimePoint:
-        if t not in self.pts:
+        p = self.pts.get(t)
+        if p is None:
             p = points(self.path, [t])[0]
-            if p.alpha == 0 and self.model.prediction in ("eps", "score"):
-                raise NonFiniteError(f"cannot recover x0 from a {self.model.prediction!r} prediction at t={t:.6g} "
-                                     "where alpha = 0: start the grid below t=1 or use a model predicting flow, v or x0")
+            self._check_point(p)
             self.pts[t] = p
-        return self.pts[t]
+        return p
+
+    def _check_point(self, p: TimePoint) -> None:
+        if p.alpha == 0 and self.model.prediction in ("eps", "score"):
+            raise NonFiniteError(f"cannot recover x0 from a {self.model.prediction!r} prediction at t={p.t:.6g} "
+                                 "where alpha = 0: start the grid below t=1 or use a model predicting flow, v or x0")
 
     def _t(self, t: float, x: torch.Tensor) -> torch.Tensor:
-        """t for a batch like x, in float32 (float64 for float64 states), cached per time and batch."""
-        key = (t, x.shape[0], x.device, x.dtype == torch.float64)
-        if key not in self.tvec:
-            self.tvec[key] = torch.full((x.shape[0],), t, device=x.device,
-                                        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return self.tvec[key]
+        """t for a batch like x, in float32 (float64 for float64 states); the grid's times for a batch size are
+        made in one operation the first time that batch size is seen."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (x.shape[0], x.device, dtype)
+        cache = self.tvec.get(key)
+        if cache is None:
+            ts = list(self.pts)
+            rows = torch.tensor(ts, dtype=dtype).to(x.device, non_blocking=True)[:, None].expand(-1, x.shape[0])
+            cache = self.tvec[key] = dict(zip(ts, rows.unbind(0)))
+        if t not in cache:
+            cache[t] = torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
+        return cache[t]
 
     def _forward(self, net, xb, p: TimePoint, cb, names, rows=None, refs=None) -> torch.Tensor:
         if rows:
@@ -330,14 +344,14 @@ class _Evaluator:
         return d
 
 
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool tensor: the sum of x is finite (accumulated in float32 or better, so no half-precision overflow)."""
-    return torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+def _total(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x, accumulated in float32 or better (no half-precision overflow): finite iff x is (up to a float32
+    overflow of a finite sum, which the exact check in ``_raise_first_nonfinite`` clears). Read one step later."""
+    return x.sum() if x.dtype in (torch.float32, torch.float64) else x.sum(dtype=torch.float32)
 
 
-def _raise_first_nonfinite(flag: torch.Tensor, records: list, step: int) -> None:
-    if bool(flag):
-        return
+def _raise_first_nonfinite(total: torch.Tensor, records: list, step: int) -> None:
+    """The sum of a step's state was not finite: blame the first of its records (in order) that is not."""
     for who, tensor in records:
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(_blame(who, step))

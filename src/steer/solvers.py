@@ -81,6 +81,11 @@ def _order_cap(solver: Solver, state: dict, i: int) -> int:
 
 def _ddim_step(x, d: Denoised, p: TimePoint, q: TimePoint, eta: float, noise: Noise):
     """``x_t = α_t m + sqrt(σ_t² − c²) ε̂ + c z``, ``c = η σ_t sqrt(1 − e^{−2h})``."""
+    if eta == 0 and d.eps is None:  # x_t = α_t m + σ_t (x − α_s m)/σ_s, as one combination of x and m
+        cx, cm = q.sigma / p.sigma, q.alpha - q.sigma * p.alpha / p.sigma
+        if abs(cx + cm - 1) < 1e-12:  # flow and EDM paths: an interpolation, one operation
+            return torch.lerp(x, d.x0, cm)
+        return torch.add(x * cx, d.x0, alpha=cm)
     e = _eps(x, d, p)
     if eta == 0 or q.sigma == 0:
         return torch.add(q.alpha * d.x0, e, alpha=q.sigma)
