@@ -52,11 +52,11 @@ def solvers(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
 
 @app.command()
 def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """List the guidance methods: paper, space, extra NFEs, needs, defaults and their source."""
+    """List the guidance methods: paper, space, extra NFEs, need for hooks, defaults and their source."""
     from .guidance import REGISTRY
 
     rows = [{"name": m.name, "family": m.family, "paper": m.paper, "arxiv": m.arxiv, "space": m.space,
-             "extra_nfe": m.extra_nfe, "needs_gradients": m.needs_grad, "needs_hooks": m.needs_hooks,
+             "extra_nfe": m.extra_nfe, "needs_hooks": m.needs_hooks,
              "defaults": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                           for k, v in m.defaults.items() if k != "kwargs"},
              "defaults_source": m.defaults_source} for m in REGISTRY.values()]
@@ -64,12 +64,12 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
         print(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title="steer guidance methods (spec: name(key=value, ...); stack with +)")
-    for col in ("name", "paper · arXiv", "space", "extra NFE", "grad/hooks", "defaults (source)"):
+    for col in ("name", "paper · arXiv", "space", "extra NFE", "hooks", "defaults (source)"):
         table.add_column(col, overflow="fold")
     for r in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items() if v is not None and k != "modifier")
-        needs = "/".join(n for n, f in (("grad", r["needs_gradients"]), ("hooks", r["needs_hooks"])) if f) or "-"
-        table.add_row(r["name"], f"{r['paper'].split(',')[0]} · {r['arxiv']}", r["space"], r["extra_nfe"], needs,
+        table.add_row(r["name"], f"{r['paper'].split(',')[0]} · {r['arxiv']}", r["space"], r["extra_nfe"],
+                      "yes" if r["needs_hooks"] else "-",
                       f"{defaults} ({r['defaults_source']})")
     console.print(table)
 

@@ -267,7 +267,6 @@ class MethodInfo:
     arxiv: str
     space: str
     extra_nfe: str
-    needs_grad: bool = False
     needs_hooks: bool = False
     defaults_source: str = ""
     notes: str = ""
@@ -278,7 +277,7 @@ REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register(name: str, *, family: str, paper: str, arxiv: str, space: str, extra_nfe: str,
-             defaults_source: str, needs_grad: bool = False, needs_hooks: bool = False, notes: str = ""):
+             defaults_source: str, needs_hooks: bool = False, notes: str = ""):
     """Decorator: make a constructor reachable by its spec name and listed by ``steer methods``."""
 
     def deco(fn):
@@ -286,8 +285,8 @@ def register(name: str, *, family: str, paper: str, arxiv: str, space: str, extr
 
         defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()
                     if v.default is not inspect.Parameter.empty}
-        REGISTRY[name] = MethodInfo(name, fn, family, paper, arxiv, space, extra_nfe, needs_grad, needs_hooks,
-                                    defaults_source, notes, defaults)
+        REGISTRY[name] = MethodInfo(name, fn, family, paper, arxiv, space, extra_nfe, needs_hooks, defaults_source,
+                                    notes, defaults)
         return fn
 
     return deco
