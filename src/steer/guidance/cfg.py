@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..solvers import Denoised
+from ..spec import format_spec
 from .core import Ctx, OutputModifier, Stack, Term, register
 
 __all__ = ["CFG", "APG", "ZeroStar", "TCFG", "MAMBO", "CFGZeroStar", "CFGPP", "Adaptive", "FDG", "Characteristic",
@@ -80,8 +81,11 @@ class Modifier:
     def guide(self, yc, yu, w, ctx):
         raise NotImplementedError
 
+    def options(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     def __repr__(self):
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in vars(self).items() if not k.startswith('_'))})"
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
 
 
 class CFG(Term):
@@ -115,12 +119,12 @@ class CFG(Term):
             out["modifier"] = self.modifier
         return out
 
-    def __repr__(self):
-        if self.modifier is not None and self.modifier.name != "modifier":
-            inner = {k: v for k, v in self.options().items() if k != "modifier"}
-            inner.update({k: v for k, v in vars(self.modifier).items() if not k.startswith("_")})
-            return f"{self.modifier.name}({', '.join(f'{k}={v!r}' for k, v in inner.items())})"
-        return super().__repr__()
+    def _describe(self):
+        options = self.options()
+        modifier = options.pop("modifier", None)
+        if modifier is None or modifier.name == "modifier":
+            return super()._describe()
+        return format_spec(modifier.name, {**options, **modifier.options()})  # apg(...), tcfg(...), mambo(...)
 
 
 class APG(Modifier):
@@ -240,8 +244,10 @@ class CFGZeroStar(CFG):
             return ctx.x0(torch.zeros_like(ctx.x), "flow")
         return super().combine(preds, ctx)
 
-    def __repr__(self):
-        return f"cfg_zero_star(scale={self.scale:g}, zero_init_steps={self.zero_init_steps})"
+    def options(self):
+        options = super().options()
+        del options["modifier"]
+        return {**options, "zero_init_steps": self.zero_init_steps}
 
 
 class CFGPP(CFG):
@@ -307,8 +313,8 @@ class Adaptive(CFG):
         keep = self._latched.reshape(-1, *([1] * (guided.ndim - 1)))
         return torch.where(keep, preds["cond"], guided)
 
-    def __repr__(self):
-        return f"adaptive(scale={self.scale:g}, threshold={self.threshold:g})"
+    def options(self):
+        return {**super().options(), "threshold": self.threshold, "test_space": self.test_space}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,8 +399,10 @@ class FDG(CFG):
             out.append(lu + s * delta)
         return from_pyramid(out)[..., :h, :w_]
 
-    def __repr__(self):
-        return f"fdg(scales={self.scales}, parallel_weight={self.parallel_weight:g})"
+    def options(self):
+        options = super().options()
+        del options["scale"]  # the largest of the scales, for the interval and schedule logic
+        return {"scales": self.scales, "parallel_weight": self.parallel_weight, "space": self.space, **options}
 
 
 class Characteristic(CFG):
@@ -446,8 +454,8 @@ class Characteristic(CFG):
         keep = converged.reshape(-1, *([1] * (x.ndim - 1)))
         return torch.where(keep, guided, super().combine(preds, ctx))
 
-    def __repr__(self):
-        return f"characteristic(scale={self.scale:g}, reg={self.reg}, step={self.step:g}, max_iter={self.max_iter})"
+    def options(self):
+        return {**super().options(), "reg": self.reg, "step": self.step, "tol": self.tol, "max_iter": self.max_iter}
 
 
 class PerpNeg(Term):
@@ -481,6 +489,9 @@ class PerpNeg(Term):
         coef = (_dot(dn, dp) / _dot(dp, dp).clamp_min(1e-300)).to(dp.dtype)
         guided = y0 + self.weight(ctx) * (dp - self.neg_scale * (dn - coef * dp))
         return ctx.x0(guided, self.space)
+
+    def options(self):
+        return {**super().options(), "neg_scale": self.neg_scale, "space": self.space}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -617,9 +628,9 @@ def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
 @register("fdg", family="cfg", paper="Sadat et al. 2025, Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales",
           arxiv="2506.19713", space="x0 (Laplacian pyramid levels)", extra_nfe="+1",
           defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels")
-def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None, parallel_weight: float = 1.0,
-        **kwargs) -> FDG:
-    return FDG(scale_low, scale_high, levels, scales, parallel_weight, **kwargs)
+def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales: list[float] | None = None,
+        parallel_weight: float = 1.0, space: str = "x0", **kwargs) -> FDG:
+    return FDG(scale_low, scale_high, levels, scales, parallel_weight, space, **kwargs)
 
 
 @register("characteristic", family="cfg", paper="Zheng & Lan 2024, Characteristic Guidance: Non-linear Correction for Diffusion Model at Large Guidance Scale",
