@@ -230,3 +230,37 @@ def test_options_of_the_wrong_type_from_python():
         g.CFG(scale="a")
     with pytest.raises(ValueError, match="pag: sigma_hi must be a number"):
         g.Perturbed("pag", hooks.IdentityAttention(None), 3.0, sigma_hi="high")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("cfg(modifier='apg')", "cfg: modifier must be a modifier object such as steer.guidance.APG(...), got 'apg'; "
+                            "in a spec string use apg(scale=..., ...) instead"),
+    ("apg(space='pixels')", "apg: space must be one of 'raw', 'eps', 'x0', 'v', 'flow', 'score', got 'pixels'"),
+    ("tcfg(space='x')", "tcfg: space must be one of"),
+    ("mambo(space='x')", "mambo: space must be one of"),
+    ("cfg_rescale(space='x')", "rescale: space must be one of"),
+    ("perp_neg(space='x')", "perp_neg: space must be one of"),
+    ("fdg(space='x')", "fdg: space must be one of"),
+    ("adaptive(test_space='cosine')", "adaptive: test_space must be one of 'raw', 'eps', 'x0'"),
+    ("sag(source='neg')", "sag: source must be one of 'uncond', 'cond', got 'neg'"),
+    ("autoguidance(guide=3)", "autoguidance: guide must be a Denoiser or the name of a digits testbed model"),
+    ("autoguidance(guide='tiny')", "autoguidance: unknown digits checkpoint 'tiny'"),
+    ("cfg(schedule='cubic')", "cfg: unknown schedule 'cubic'"),
+    ("cfg(sigma_lo=1, when=(1, 2))", "cfg: give the guidance interval either as when=(lo, hi) or as sigma_lo="),
+    ("cfg(clamp=3)", "cfg: clamp is the floor of schedule='clamp_linear'"),
+    ("fdg(scales=[8, 4], levels=3)", "fdg: give either scales=[high, ..., low] or scale_low, scale_high and levels"),
+    ("tag(sigma_lo=1)", "tag: sigma_lo would apply to its CFG term, which it has only with scale != 1"),
+])
+def test_options_that_do_not_fit_name_the_method_and_the_option(spec, message):
+    with pytest.raises(ValueError) as e:
+        parse(spec)
+    assert message in str(e.value)
+
+
+def test_options_that_do_not_fit_from_python():
+    with pytest.raises(ValueError, match=r"cfg: modifier must be a modifier object .*got 4"):
+        g.cfg(3, 4)  # Python binds the second argument to modifier
+    with pytest.raises(ValueError, match=r"cfg: modifier must be a modifier object .*got apg\(\)"):
+        g.cfg(3, modifier=g.apg())  # a guidance, not a modifier
+    with pytest.raises(ValueError, match="apg: space must be one of"):
+        g.APG(space="pixels")

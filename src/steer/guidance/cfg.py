@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..solvers import Denoised
 from ..spec import format_spec
-from .core import Ctx, OutputModifier, Stack, Term, register
+from .core import SPACES, Ctx, OutputModifier, Stack, Term, check_choice, register
 
 __all__ = ["CFG", "APG", "ZeroStar", "TCFG", "MAMBO", "CFGZeroStar", "CFGPP", "Adaptive", "FDG", "Characteristic",
            "PerpNeg", "Rescale", "DynamicThreshold", "TAG", "cfg", "apg", "cfg_rescale", "cfgpp", "cfg_zero_star",
@@ -101,6 +101,9 @@ class CFG(Term):
 
     def __init__(self, scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0,
                  sigma_hi: float = math.inf, schedule=None, when=None, clamp: float = 2.0):
+        if modifier is not None and not isinstance(modifier, Modifier):
+            raise ValueError(f"{self.name}: modifier must be a modifier object such as steer.guidance.APG(...), got "
+                             f"{modifier!r}; in a spec string use apg(scale=..., ...) instead (or tcfg, mambo)")
         super().__init__(scale, sigma_lo, sigma_hi, schedule, when, clamp)
         self.modifier = modifier
         if modifier is not None:
@@ -145,6 +148,7 @@ class APG(Modifier):
             raise ValueError(f"apg momentum must be in (-1, 0] (negative, as in the paper; |β| >= 1 diverges), got {momentum}")
         if rescale < 0:
             raise ValueError(f"apg rescale (the norm threshold r) must be >= 0, got {rescale}")
+        check_choice(self.name, "space", space, SPACES)
         self.eta, self.rescale, self.momentum, self.space = float(eta), float(rescale), float(momentum), space
         self._m = None
 
@@ -172,6 +176,7 @@ class ZeroStar(Modifier):
     name, space = "zero_star", "flow"
 
     def __init__(self, space: str = "flow"):
+        check_choice(self.name, "space", space, SPACES)
         self.space = space
 
     def guide(self, yc, yu, w, ctx):
@@ -187,6 +192,7 @@ class TCFG(Modifier):
     name, space = "tcfg", "eps"
 
     def __init__(self, space: str = "eps"):
+        check_choice(self.name, "space", space, SPACES)
         self.space = space
 
     def guide(self, yc, yu, w, ctx):
@@ -209,6 +215,7 @@ class MAMBO(Modifier):
     name = "mambo"
 
     def __init__(self, alpha: float = 8.0, space: str = "flow"):
+        check_choice(self.name, "space", space, SPACES)
         self.alpha, self.space = float(alpha), space
 
     def guide(self, yc, yu, w, ctx):
@@ -291,6 +298,7 @@ class Adaptive(CFG):
         super().__init__(scale, **kwargs)
         if not -1 <= threshold <= 1:
             raise ValueError(f"adaptive threshold is a cosine similarity in [-1, 1], got {threshold}")
+        check_choice(self.name, "test_space", test_space, SPACES)
         self.threshold, self.test_space = float(threshold), test_space
         self._latched = None
 
@@ -370,8 +378,11 @@ class FDG(CFG):
 
     def __init__(self, scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None,
                  parallel_weight: float = 1.0, space: str = "x0", **kwargs):
+        if scales is not None and (scale_low, scale_high, levels) != (5.0, 10.0, 2):
+            raise ValueError("fdg: give either scales=[high, ..., low] or scale_low, scale_high and levels, not both")
         if levels < 2 and scales is None:
             raise ValueError(f"fdg needs levels >= 2, got {levels}")
+        check_choice(self.name, "space", space, SPACES)
         self.scales = [float(s) for s in scales] if scales is not None else [float(scale_high)] * (levels - 1) + [float(scale_low)]
         self.levels = len(self.scales)
         super().__init__(max(self.scales, key=lambda s: abs(s - 1)), **kwargs)
@@ -473,6 +484,7 @@ class PerpNeg(Term):
 
     def __init__(self, scale: float = 7.5, neg_scale: float = 1.0, space: str = "x0", **kwargs):
         super().__init__(scale, **kwargs)
+        check_choice(self.name, "space", space, SPACES)
         self.neg_scale, self.space = float(neg_scale), space
 
     def active(self, ctx):
@@ -509,6 +521,7 @@ class Rescale(OutputModifier):
     def __init__(self, phi: float = 0.7, space: str = "v"):
         if not 0 <= phi <= 1:
             raise ValueError(f"rescale phi must be in [0, 1], got {phi}")
+        check_choice(self.name, "space", space, SPACES)
         self.phi, self.space = float(phi), space
 
     def apply(self, d, preds, ctx):
@@ -622,6 +635,8 @@ def tcfg(scale: float = 7.5, space: str = "eps", **kwargs) -> CFG:
           arxiv="2510.04533", space="sampler update (x0 − x̄)", extra_nfe="+1 when scale ≠ 1, else 0",
           defaults_source="η_t = 1.05: ComfyUI TangentialAmplifyingGuidance; scale 1 = TAG without CFG")
 def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
+    if scale == 1.0 and kwargs:
+        raise ValueError(f"tag: {', '.join(kwargs)} would apply to its CFG term, which it has only with scale != 1")
     return TAG(eta, eta_r) if scale == 1.0 else Stack([CFG(scale, **kwargs), TAG(eta, eta_r)])
 
 

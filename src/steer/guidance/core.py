@@ -33,7 +33,9 @@ from ..prediction import KINDS
 from ..solvers import Denoised
 from ..spec import format_spec, is_literal, parse_spec
 
-__all__ = ["Ctx", "Guidance", "Term", "OutputModifier", "Stack", "interval", "parse", "REGISTRY", "register"]
+__all__ = ["Ctx", "Guidance", "Term", "OutputModifier", "Stack", "interval", "parse", "REGISTRY", "register", "SPACES"]
+
+SPACES = ("raw", *KINDS)  # where a method may combine predictions; "raw" is the model's own output kind
 
 
 @dataclass
@@ -159,11 +161,20 @@ class Term(Guidance):
                  schedule: str | Callable | None = None, when: tuple[float, float] | None = None, clamp: float = 2.0):
         check_options(self.name, Term.__init__, scale=scale, sigma_lo=sigma_lo, sigma_hi=sigma_hi, schedule=schedule,
                       when=when, clamp=clamp)
+        if when is not None and (sigma_lo, sigma_hi) != (0.0, math.inf):
+            raise ValueError(f"{self.name}: give the guidance interval either as when=(lo, hi) or as sigma_lo= and "
+                             "sigma_hi=, not both")
+        if clamp != 2.0 and schedule != "clamp_linear":
+            raise ValueError(f"{self.name}: clamp is the floor of schedule='clamp_linear' and does nothing with "
+                             f"schedule={schedule!r}")
         self.scale = float(scale)
         self.sigma_lo, self.sigma_hi = interval(*when) if when is not None else interval(sigma_lo, sigma_hi)
         from .schedules import get_schedule
 
-        self.schedule = get_schedule(schedule, clamp)
+        try:
+            self.schedule = get_schedule(schedule, clamp)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
 
     def weight(self, ctx: Ctx) -> float:
         if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma):
@@ -387,6 +398,12 @@ def check_options(method: str, fn, **values) -> None:
     hints = _hints(fn)
     for k, v in values.items():
         check_option(method, k, v, hints.get(k))
+
+
+def check_choice(method: str, option: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{method}: {option} must be one of {', '.join(map(repr, allowed))}, got "
+                         f"{reprlib.repr(value)}")
 
 
 def _fits(value, hint) -> bool:

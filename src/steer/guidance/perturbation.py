@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models import hooks
-from .core import Term, register
+from .core import Term, check_choice, register
 
 __all__ = ["Branch", "Perturbed", "Autoguidance", "pag", "seg", "tpg", "slg", "autoguidance"]
 
@@ -73,11 +73,17 @@ class Autoguidance(Term):
         if guide is None:
             raise ValueError("autoguidance needs guide=, a weaker Denoiser of the same model (e.g. "
                              "steer.testbeds.digits.load('flow-weak'), or the name 'flow-weak')")
+        if not (isinstance(guide, str) or callable(guide)):
+            raise ValueError(f"autoguidance: guide must be a Denoiser or the name of a digits testbed model such as "
+                             f"'flow-weak', got {guide!r}")
         self.guide_name = guide if isinstance(guide, str) else None
         if isinstance(guide, str):  # a digits testbed model by name, so spec strings can use it
             from ..testbeds import digits
 
-            guide = digits.load(guide)
+            try:
+                guide = digits.load(guide)
+            except ValueError as e:
+                raise ValueError(f"autoguidance: {e}") from None
         super().__init__(scale, **kwargs)
         self.guide_model = guide
 
@@ -176,8 +182,7 @@ class SAG(Term):
 
     def __init__(self, scale: float = 1.75, blur_sigma: float = 1.0, layers=None, source: str = "uncond", **kwargs):
         super().__init__(scale, **kwargs)
-        if source not in ("uncond", "cond"):
-            raise ValueError(f"sag source must be 'uncond' (with CFG) or 'cond' (without), got {source!r}")
+        check_choice(self.name, "source", source, ("uncond", "cond"))  # uncond: with CFG; cond: without
         self.blur_sigma, self.source = float(blur_sigma), source
         self.recorder = hooks.RecordAttention(layers)
 
