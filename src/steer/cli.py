@@ -13,20 +13,29 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="steer: inference-time steering of diffusion and flow-matching models.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
+err_console = Console(stderr=True)
 
 MODELS = ("gmm",)
 COMPARE_SOLVERS = ("euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m(variant='published')",
                    "unipc", "deis")
 
 
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
+def _fail(msg: str, code: int = 2) -> None:
+    """Print a one-line error and exit: code 2 for bad usage, 1 for a failure while running."""
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _os_error(e: OSError) -> str:
+    if isinstance(e, FileExistsError) and e.filename and not FilePath(e.filename).is_dir():
+        return f"{e.filename} is not a directory"  # mkdir(exist_ok=True) on a file
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else str(e)
 
 
 @app.command()
@@ -92,6 +101,7 @@ def sample(
     import torch
 
     import steer
+    from .guidance import parse as parse_guidance
     from .metrics import energy_distance
     from .testbeds import gmm
 
@@ -99,6 +109,8 @@ def sample(
         _fail(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
     try:
         p = steer.get_path(path)
+        solver_ = steer.get_solver(solver)
+        guide = parse_guidance(guidance)
     except ValueError as e:
         _fail(str(e))
     g = gmm.toy(dim=dim)
@@ -110,9 +122,11 @@ def sample(
         return
     t0 = time.perf_counter()
     try:
-        res = steer.sample(den, cond=labels, guidance=guidance, solver=solver, steps=steps, seed=seed,
+        res = steer.sample(den, cond=labels, guidance=guide, solver=solver_, steps=steps, seed=seed,
                            progress=True, return_info=True)
-    except ValueError as e:
+    except steer.NonFiniteError as e:
+        _fail(f"sampling failed: {e}", code=1)
+    except ValueError as e:  # options that cannot run together, e.g. cfgpp with a solver that cannot re-noise
         _fail(str(e))
     wall = time.perf_counter() - t0
     exact = g.sample(n, labels, generator=torch.Generator().manual_seed(seed + 1))
@@ -124,7 +138,10 @@ def sample(
                   f"{float(logp):.4f}", f"{wall:.2f}")
     console.print(table)
     if out is not None:
-        _save_atomic(out, res.x.numpy())
+        try:
+            _save_atomic(out, res.x.numpy())
+        except OSError as e:
+            _fail(f"cannot write the samples to {out}: {_os_error(e)}", code=1)
         console.print(f"saved {tuple(res.x.shape)} samples to {out}")
 
 
@@ -215,7 +232,7 @@ def testbed_train(
         try:
             entries = digits.train_all(weights_dir, seed=seed, names=names, recipes=recipes, callback=cb)
         except OSError as e:
-            _fail(f"could not write the weights to {weights_dir}: {e}")
+            _fail(f"cannot write the weights to {weights_dir}: {_os_error(e)}", code=1)
     table = Table(title=f"digits checkpoints in {weights_dir} ({time.perf_counter() - t0:.0f} s)")
     for col in ("name", "model", "params", "steps", "seconds", "MB", "result"):
         table.add_column(col)
