@@ -29,7 +29,8 @@ def test_sample_gmm_and_save(tmp_path):
 
 
 def test_compare_solvers_table():
-    res = runner.invoke(app, ["sample", "--compare-solvers", "--n", "16", "--path", "vp-linear"], env={"COLUMNS": "200"})
+    res = runner.invoke(app, ["sample", "--compare-solvers", "--n", "16", "--path", "vp-linear"],
+                        env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "RMS error" in res.output and "unipc" in res.output
 

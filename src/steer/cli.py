@@ -86,18 +86,19 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
 @app.command()
 def sample(
     model: str = typer.Option("gmm", help=f"Model: one of {', '.join(MODELS)}."),
-    path: str = typer.Option("flow", help="Probability path of the testbed model (flow, vp-linear, vp-scaled-linear, vp-cosine, edm)."),
+    path: str = typer.Option("flow", help="Probability path of the testbed model (flow, vp-linear, "
+                             "vp-scaled-linear, vp-cosine, edm)."),
     solver: str = typer.Option("dpmpp_2m", help="Solver spec, e.g. 'ddim(eta=0.5)'. See `steer solvers`."),
     steps: int = typer.Option(25, min=1, help="Number of solver steps."),
     guidance: Optional[str] = typer.Option(None, help="Guidance spec, e.g. 'cfg(scale=3)'."),
     n: int = typer.Option(1000, min=2, help="Number of samples (labels cycle over the classes)."),
     dim: int = typer.Option(2, min=1, help="Dimension of the Gaussian mixture."),
     seed: int = typer.Option(0, help="Random seed."),
-    compare_solvers: bool = typer.Option(False, "--compare-solvers", help="Print a solver-accuracy table against the exact ODE solution instead."),
+    compare_solvers: bool = typer.Option(False, "--compare-solvers", help="Print a solver-accuracy table against "
+                                         "the exact ODE solution instead."),
     out: Optional[FilePath] = typer.Option(None, help="Save the samples to this .npy file."),
 ):
     """Sample from a testbed model and report how close the samples are to the exact distribution."""
-    import numpy as np
     import torch
 
     import steer
@@ -132,7 +133,8 @@ def sample(
     exact = g.sample(n, labels, generator=torch.Generator().manual_seed(seed + 1))
     logp = g.classifier_log_probs(res.x, 0.0, p).gather(1, labels[:, None]).mean()
     table = Table(title=f"{n} samples from the exact {dim}-D mixture ({p.name} path)")
-    for col in ("solver", "guidance", "steps", "NFE/sample", "energy distance to p(x0|c)", "mean log p(c|x0)", "time (s)"):
+    for col in ("solver", "guidance", "steps", "NFE/sample", "energy distance to p(x0|c)", "mean log p(c|x0)",
+                "time (s)"):
         table.add_column(col)
     table.add_row(solver, guidance or "-", str(steps), str(res.nfe), f"{energy_distance(res.x, exact):.5f}",
                   f"{float(logp):.4f}", f"{wall:.2f}")
@@ -206,7 +208,14 @@ def testbed_train(
     smoke: bool = typer.Option(False, "--smoke", hidden=True, help="Tiny networks, a few steps (for tests)."),
 ):
     """Train the testbed's checkpoints (digits: eps, flow, flow-weak, classifier), writing each file atomically."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .testbeds import digits
 
@@ -215,7 +224,8 @@ def testbed_train(
     names = digits.NAMES if only is None else tuple(s.strip() for s in only.split(",") if s.strip())
     bad = [n for n in names if n not in digits.NAMES]
     if bad or not names:
-        _fail(f"unknown checkpoint(s) {', '.join(map(repr, bad)) or '(none given)'}; allowed: {', '.join(digits.NAMES)}")
+        _fail(f"unknown checkpoint(s) {', '.join(map(repr, bad)) or '(none given)'}; "
+              f"allowed: {', '.join(digits.NAMES)}")
     recipes = digits.tiny_recipes() if smoke else digits.RECIPES
     weights_dir = out if out is not None else digits.WEIGHTS_DIR
     t0 = time.perf_counter()
