@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/steer sample --model gmm --path flow --compare-solvers
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -141,7 +141,7 @@ def test_errors_are_clear(g):
         steer.sample(den, cond=c, guidance="cfgg(scale=2)")
     with pytest.raises(ValueError, match="model returned shape"):
         steer.sample(steer.denoiser(lambda x, t, c: x[:, :1], "flow", "flow"), noise=torch.randn(2, 2))
-    with pytest.raises(ValueError, match="needs an unconditional branch"):
+    with pytest.raises(ValueError, match="needs the .uncond. conditioning.*no null_cond"):
         steer.sample(steer.denoiser(lambda x, t, c: x, "flow", "flow"), noise=torch.randn(2, 2), guidance="cfg(scale=2)")
     with pytest.raises(ValueError, match="unknown prediction kind"):
         steer.denoiser(lambda x, t, c: x, "flow", "velocity")

@@ -13,20 +13,29 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="steer: inference-time steering of diffusion and flow-matching models.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
+err_console = Console(stderr=True)
 
 MODELS = ("gmm",)
 COMPARE_SOLVERS = ("euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m(variant='published')",
                    "unipc", "deis")
 
 
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
+def _fail(msg: str, code: int = 2) -> None:
+    """Print a one-line error and exit: code 2 for bad usage, 1 for a failure while running."""
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _os_error(e: OSError) -> str:
+    if isinstance(e, FileExistsError) and e.filename and not FilePath(e.filename).is_dir():
+        return f"{e.filename} is not a directory"  # mkdir(exist_ok=True) on a file
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else str(e)
 
 
 @app.command()
@@ -52,11 +61,11 @@ def solvers(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
 
 @app.command()
 def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """List the guidance methods: paper, space, extra NFEs, needs, defaults and their source."""
+    """List the guidance methods: paper, space, extra NFEs, need for hooks, defaults and their source."""
     from .guidance import REGISTRY
 
     rows = [{"name": m.name, "family": m.family, "paper": m.paper, "arxiv": m.arxiv, "space": m.space,
-             "extra_nfe": m.extra_nfe, "needs_gradients": m.needs_grad, "needs_hooks": m.needs_hooks,
+             "extra_nfe": m.extra_nfe, "needs_hooks": m.needs_hooks,
              "defaults": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                           for k, v in m.defaults.items() if k != "kwargs"},
              "defaults_source": m.defaults_source} for m in REGISTRY.values()]
@@ -64,12 +73,12 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
         print(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title="steer guidance methods (spec: name(key=value, ...); stack with +)")
-    for col in ("name", "paper · arXiv", "space", "extra NFE", "grad/hooks", "defaults (source)"):
+    for col in ("name", "paper · arXiv", "space", "extra NFE", "hooks", "defaults (source)"):
         table.add_column(col, overflow="fold")
     for r in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items() if v is not None and k != "modifier")
-        needs = "/".join(n for n, f in (("grad", r["needs_gradients"]), ("hooks", r["needs_hooks"])) if f) or "-"
-        table.add_row(r["name"], f"{r['paper'].split(',')[0]} · {r['arxiv']}", r["space"], r["extra_nfe"], needs,
+        table.add_row(r["name"], f"{r['paper'].split(',')[0]} · {r['arxiv']}", r["space"], r["extra_nfe"],
+                      "yes" if r["needs_hooks"] else "-",
                       f"{defaults} ({r['defaults_source']})")
     console.print(table)
 
@@ -77,21 +86,23 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
 @app.command()
 def sample(
     model: str = typer.Option("gmm", help=f"Model: one of {', '.join(MODELS)}."),
-    path: str = typer.Option("flow", help="Probability path of the testbed model (flow, vp-linear, vp-scaled-linear, vp-cosine, edm)."),
+    path: str = typer.Option("flow", help="Probability path of the testbed model (flow, vp-linear, "
+                             "vp-scaled-linear, vp-cosine, edm)."),
     solver: str = typer.Option("dpmpp_2m", help="Solver spec, e.g. 'ddim(eta=0.5)'. See `steer solvers`."),
     steps: int = typer.Option(25, min=1, help="Number of solver steps."),
     guidance: Optional[str] = typer.Option(None, help="Guidance spec, e.g. 'cfg(scale=3)'."),
     n: int = typer.Option(1000, min=2, help="Number of samples (labels cycle over the classes)."),
     dim: int = typer.Option(2, min=1, help="Dimension of the Gaussian mixture."),
     seed: int = typer.Option(0, help="Random seed."),
-    compare_solvers: bool = typer.Option(False, "--compare-solvers", help="Print a solver-accuracy table against the exact ODE solution instead."),
+    compare_solvers: bool = typer.Option(False, "--compare-solvers", help="Print a solver-accuracy table against "
+                                         "the exact ODE solution instead."),
     out: Optional[FilePath] = typer.Option(None, help="Save the samples to this .npy file."),
 ):
     """Sample from a testbed model and report how close the samples are to the exact distribution."""
-    import numpy as np
     import torch
 
     import steer
+    from .guidance import parse as parse_guidance
     from .metrics import energy_distance
     from .testbeds import gmm
 
@@ -99,6 +110,8 @@ def sample(
         _fail(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
     try:
         p = steer.get_path(path)
+        solver_ = steer.get_solver(solver)
+        guide = parse_guidance(guidance)
     except ValueError as e:
         _fail(str(e))
     g = gmm.toy(dim=dim)
@@ -110,21 +123,27 @@ def sample(
         return
     t0 = time.perf_counter()
     try:
-        res = steer.sample(den, cond=labels, guidance=guidance, solver=solver, steps=steps, seed=seed,
+        res = steer.sample(den, cond=labels, guidance=guide, solver=solver_, steps=steps, seed=seed,
                            progress=True, return_info=True)
-    except ValueError as e:
+    except steer.NonFiniteError as e:
+        _fail(f"sampling failed: {e}", code=1)
+    except ValueError as e:  # options that cannot run together, e.g. cfgpp with a solver that cannot re-noise
         _fail(str(e))
     wall = time.perf_counter() - t0
     exact = g.sample(n, labels, generator=torch.Generator().manual_seed(seed + 1))
     logp = g.classifier_log_probs(res.x, 0.0, p).gather(1, labels[:, None]).mean()
     table = Table(title=f"{n} samples from the exact {dim}-D mixture ({p.name} path)")
-    for col in ("solver", "guidance", "steps", "NFE/sample", "energy distance to p(x0|c)", "mean log p(c|x0)", "time (s)"):
+    for col in ("solver", "guidance", "steps", "NFE/sample", "energy distance to p(x0|c)", "mean log p(c|x0)",
+                "time (s)"):
         table.add_column(col)
     table.add_row(solver, guidance or "-", str(steps), str(res.nfe), f"{energy_distance(res.x, exact):.5f}",
                   f"{float(logp):.4f}", f"{wall:.2f}")
     console.print(table)
     if out is not None:
-        _save_atomic(out, res.x.numpy())
+        try:
+            _save_atomic(out, res.x.numpy())
+        except OSError as e:
+            _fail(f"cannot write the samples to {out}: {_os_error(e)}", code=1)
         console.print(f"saved {tuple(res.x.shape)} samples to {out}")
 
 
@@ -189,7 +208,14 @@ def testbed_train(
     smoke: bool = typer.Option(False, "--smoke", hidden=True, help="Tiny networks, a few steps (for tests)."),
 ):
     """Train the testbed's checkpoints (digits: eps, flow, flow-weak, classifier), writing each file atomically."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .testbeds import digits
 
@@ -198,7 +224,8 @@ def testbed_train(
     names = digits.NAMES if only is None else tuple(s.strip() for s in only.split(",") if s.strip())
     bad = [n for n in names if n not in digits.NAMES]
     if bad or not names:
-        _fail(f"unknown checkpoint(s) {', '.join(map(repr, bad)) or '(none given)'}; allowed: {', '.join(digits.NAMES)}")
+        _fail(f"unknown checkpoint(s) {', '.join(map(repr, bad)) or '(none given)'}; "
+              f"allowed: {', '.join(digits.NAMES)}")
     recipes = digits.tiny_recipes() if smoke else digits.RECIPES
     weights_dir = out if out is not None else digits.WEIGHTS_DIR
     t0 = time.perf_counter()
@@ -215,7 +242,7 @@ def testbed_train(
         try:
             entries = digits.train_all(weights_dir, seed=seed, names=names, recipes=recipes, callback=cb)
         except OSError as e:
-            _fail(f"could not write the weights to {weights_dir}: {e}")
+            _fail(f"cannot write the weights to {weights_dir}: {_os_error(e)}", code=1)
     table = Table(title=f"digits checkpoints in {weights_dir} ({time.perf_counter() - t0:.0f} s)")
     for col in ("name", "model", "params", "steps", "seconds", "MB", "result"):
         table.add_column(col)

@@ -185,8 +185,11 @@ class Modifier:
     def guide(self, yc, yu, w, ctx: Ctx):
         raise NotImplementedError
 
+    def options(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     def __repr__(self):
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in vars(self).items() if not k.startswith('_'))})"
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
 
 
 def take(state, index: torch.Tensor):

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import ast
+import math
 
-__all__ = ["parse_spec", "format_spec"]
+__all__ = ["parse_spec", "format_spec", "is_literal"]
+
+_FLOAT_NAMES = {"inf": math.inf, "nan": math.nan}
+
+
+class _FloatNames(ast.NodeTransformer):
+    """Turns the names ``inf`` and ``nan`` into float constants (``-inf`` is then a negated constant)."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in _FLOAT_NAMES:
+            return ast.copy_location(ast.Constant(_FLOAT_NAMES[node.id]), node)
+        return node
 
 
 def parse_spec(spec: str) -> tuple[str, tuple, dict]:
     """Parse ``"name"`` or ``"name(1.5, key=value, ...)"`` into ``(name, args, kwargs)``.
 
-    Values are Python literals (numbers, strings, booleans, None, tuples and lists of them).
+    Values are Python literals (numbers, strings, booleans, None, tuples and lists of them) and the floats
+    ``inf``, ``-inf`` and ``nan``.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a spec must be a non-empty string like 'name(key=value)', got {spec!r}")
@@ -25,7 +38,7 @@ def parse_spec(spec: str) -> tuple[str, tuple, dict]:
 
     def value(v):
         try:
-            return ast.literal_eval(v)
+            return ast.literal_eval(_FloatNames().visit(v))
         except ValueError as e:
             raise ValueError(f"in spec {spec!r}: {ast.unparse(v)!r} is not a literal value") from e
 
@@ -33,10 +46,30 @@ def parse_spec(spec: str) -> tuple[str, tuple, dict]:
     for kw in node.keywords:
         if kw.arg is None:
             raise ValueError(f"in spec {spec!r}: '**' is not allowed")
+        if kw.arg in kwargs:
+            raise ValueError(f"in spec {spec!r}: {kw.arg!r} is given twice")
         kwargs[kw.arg] = value(kw.value)
     return node.func.id, tuple(value(a) for a in node.args), kwargs
 
 
-def format_spec(name: str, **kwargs) -> str:
-    inner = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return f"{name}({inner})" if inner else name
+def is_literal(value) -> bool:
+    """Whether ``value`` can be written in a spec string (and ``parse_spec`` reads it back equal, or nan)."""
+    if value is None or type(value) in (bool, int, float, str):  # not subclasses: numpy's reprs do not parse
+        return True
+    if type(value) in (list, tuple):
+        return all(map(is_literal, value))
+    if type(value) is dict:
+        return all(is_literal(k) and is_literal(v) for k, v in value.items())
+    return False
+
+
+def format_spec(name: str, options: dict) -> str:
+    """``name(key=value, ...)``; a value that is not a literal is written ``<its name>``, which does not parse."""
+
+    def fmt(v):
+        if is_literal(v):
+            return repr(v)
+        name = getattr(v, "__name__", None) or type(v).__name__
+        return name if name.startswith("<") else f"<{name}>"
+
+    return f"{name}({', '.join(f'{k}={fmt(v)}' for k, v in options.items())})"

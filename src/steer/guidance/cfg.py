@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core import Denoised, Modifier
-from .core import OutputModifier, Stack, Term, register
+from ..spec import format_spec
+from .core import SPACES, OutputModifier, Stack, Term, check_choice, register
 
 __all__ = ["CFG", "APG", "ZeroStar", "TCFG", "MAMBO", "CFGZeroStar", "CFGPP", "Adaptive", "FDG", "Characteristic",
            "PerpNeg", "Rescale", "DynamicThreshold", "TAG", "cfg", "apg", "cfg_rescale", "cfgpp", "cfg_zero_star",
@@ -89,6 +90,9 @@ class CFG(Term):
 
     def __init__(self, scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0,
                  sigma_hi: float = math.inf, schedule=None, when=None, clamp: float = 2.0):
+        if modifier is not None and not isinstance(modifier, Modifier):
+            raise ValueError(f"{self.name}: modifier must be a modifier object such as steer.guidance.APG(...), got "
+                             f"{modifier!r}; in a spec string use apg(scale=..., ...) instead (or tcfg, mambo)")
         super().__init__(scale, sigma_lo, sigma_hi, schedule, when, clamp)
         self.modifier = modifier
         if modifier is not None:
@@ -103,12 +107,12 @@ class CFG(Term):
             out["modifier"] = self.modifier
         return out
 
-    def __repr__(self):
-        if self.modifier is not None and self.modifier.name != "modifier":
-            inner = {k: v for k, v in self.options().items() if k != "modifier"}
-            inner.update({k: v for k, v in vars(self.modifier).items() if not k.startswith("_")})
-            return f"{self.modifier.name}({', '.join(f'{k}={v!r}' for k, v in inner.items())})"
-        return super().__repr__()
+    def _describe(self):
+        options = self.options()
+        modifier = options.pop("modifier", None)
+        if modifier is None or modifier.name == "modifier":
+            return super()._describe()
+        return format_spec(modifier.name, {**options, **modifier.options()})  # apg(...), tcfg(...), mambo(...)
 
 
 class APG(Modifier):
@@ -129,6 +133,7 @@ class APG(Modifier):
             raise ValueError(f"apg momentum must be in (-1, 0] (negative, as in the paper; |β| >= 1 diverges), got {momentum}")
         if rescale < 0:
             raise ValueError(f"apg rescale (the norm threshold r) must be >= 0, got {rescale}")
+        check_choice(self.name, "space", space, SPACES)
         self.eta, self.rescale, self.momentum, self.space = float(eta), float(rescale), float(momentum), space
 
     def guide(self, yc, yu, w, ctx):
@@ -153,6 +158,7 @@ class ZeroStar(Modifier):
     name, space = "zero_star", "flow"
 
     def __init__(self, space: str = "flow"):
+        check_choice(self.name, "space", space, SPACES)
         self.space = space
 
     def guide(self, yc, yu, w, ctx):
@@ -169,6 +175,7 @@ class TCFG(Modifier):
     name, space = "tcfg", "eps"
 
     def __init__(self, space: str = "eps"):
+        check_choice(self.name, "space", space, SPACES)
         self.space = space
 
     def guide(self, yc, yu, w, ctx):
@@ -193,6 +200,7 @@ class MAMBO(Modifier):
     name = "mambo"
 
     def __init__(self, alpha: float = 8.0, space: str = "flow"):
+        check_choice(self.name, "space", space, SPACES)
         self.alpha, self.space = float(alpha), space
 
     def guide(self, yc, yu, w, ctx):
@@ -228,8 +236,10 @@ class CFGZeroStar(CFG):
             return ctx.x0(torch.zeros_like(ctx.x), "flow")
         return super().combine(preds, ctx)
 
-    def __repr__(self):
-        return f"cfg_zero_star(scale={self.scale:g}, zero_init_steps={self.zero_init_steps})"
+    def options(self):
+        options = super().options()
+        del options["modifier"]
+        return {**options, "zero_init_steps": self.zero_init_steps}
 
 
 class CFGPP(CFG):
@@ -273,6 +283,7 @@ class Adaptive(CFG):
         super().__init__(scale, **kwargs)
         if not -1 <= threshold <= 1:
             raise ValueError(f"adaptive threshold is a cosine similarity in [-1, 1], got {threshold}")
+        check_choice(self.name, "test_space", test_space, SPACES)
         self.threshold, self.test_space = float(threshold), test_space
 
     def active(self, ctx):  # the latch ([B] bools) is state; skipping the pass needs its value on the host
@@ -293,8 +304,8 @@ class Adaptive(CFG):
         keep = latched.reshape(-1, *([1] * (guided.ndim - 1)))
         return torch.where(keep, preds["cond"], guided)
 
-    def __repr__(self):
-        return f"adaptive(scale={self.scale:g}, threshold={self.threshold:g})"
+    def options(self):
+        return {**super().options(), "threshold": self.threshold, "test_space": self.test_space}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,8 +365,11 @@ class FDG(CFG):
 
     def __init__(self, scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None,
                  parallel_weight: float = 1.0, space: str = "x0", **kwargs):
+        if scales is not None and (scale_low, scale_high, levels) != (5.0, 10.0, 2):
+            raise ValueError("fdg: give either scales=[high, ..., low] or scale_low, scale_high and levels, not both")
         if levels < 2 and scales is None:
             raise ValueError(f"fdg needs levels >= 2, got {levels}")
+        check_choice(self.name, "space", space, SPACES)
         self.scales = [float(s) for s in scales] if scales is not None else [float(scale_high)] * (levels - 1) + [float(scale_low)]
         self.levels = len(self.scales)
         super().__init__(max(self.scales, key=lambda s: abs(s - 1)), **kwargs)
@@ -383,8 +397,10 @@ class FDG(CFG):
             out.append(lu + s * delta)
         return from_pyramid(out)[..., :h, :w_]
 
-    def __repr__(self):
-        return f"fdg(scales={self.scales}, parallel_weight={self.parallel_weight:g})"
+    def options(self):
+        options = super().options()
+        del options["scale"]  # the largest of the scales, for the interval and schedule logic
+        return {"scales": self.scales, "parallel_weight": self.parallel_weight, "space": self.space, **options}
 
 
 class Characteristic(CFG):
@@ -441,8 +457,8 @@ class Characteristic(CFG):
         keep = converged.reshape(-1, *([1] * (x.ndim - 1)))
         return torch.where(keep, guided, super().combine(preds, ctx))
 
-    def __repr__(self):
-        return f"characteristic(scale={self.scale:g}, reg={self.reg}, step={self.step:g}, max_iter={self.max_iter})"
+    def options(self):
+        return {**super().options(), "reg": self.reg, "step": self.step, "tol": self.tol, "max_iter": self.max_iter}
 
 
 class PerpNeg(Term):
@@ -460,6 +476,7 @@ class PerpNeg(Term):
 
     def __init__(self, scale: float = 7.5, neg_scale: float = 1.0, space: str = "x0", **kwargs):
         super().__init__(scale, **kwargs)
+        check_choice(self.name, "space", space, SPACES)
         self.neg_scale, self.space = float(neg_scale), space
 
     def active(self, ctx):
@@ -477,6 +494,9 @@ class PerpNeg(Term):
         guided = y0 + self.weight(ctx) * (dp - self.neg_scale * (dn - coef * dp))
         return ctx.x0(guided, self.space)
 
+    def options(self):
+        return {**super().options(), "neg_scale": self.neg_scale, "space": self.space}
+
 
 # ---------------------------------------------------------------------------------------------------
 # Output modifiers
@@ -493,6 +513,7 @@ class Rescale(OutputModifier):
     def __init__(self, phi: float = 0.7, space: str = "v"):
         if not 0 <= phi <= 1:
             raise ValueError(f"rescale phi must be in [0, 1], got {phi}")
+        check_choice(self.name, "space", space, SPACES)
         self.phi, self.space = float(phi), space
 
     def apply(self, d, preds, ctx):
@@ -606,15 +627,17 @@ def tcfg(scale: float = 7.5, space: str = "eps", **kwargs) -> CFG:
           arxiv="2510.04533", space="sampler update (x0 − x̄)", extra_nfe="+1 when scale ≠ 1, else 0",
           defaults_source="η_t = 1.05: ComfyUI TangentialAmplifyingGuidance; scale 1 = TAG without CFG")
 def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
+    if scale == 1.0 and kwargs:
+        raise ValueError(f"tag: {', '.join(kwargs)} would apply to its CFG term, which it has only with scale != 1")
     return TAG(eta, eta_r) if scale == 1.0 else Stack([CFG(scale, **kwargs), TAG(eta, eta_r)])
 
 
 @register("fdg", family="cfg", paper="Sadat et al. 2025, Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales",
           arxiv="2506.19713", space="x0 (Laplacian pyramid levels)", extra_nfe="+1",
           defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels")
-def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None, parallel_weight: float = 1.0,
-        **kwargs) -> FDG:
-    return FDG(scale_low, scale_high, levels, scales, parallel_weight, **kwargs)
+def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales: list[float] | None = None,
+        parallel_weight: float = 1.0, space: str = "x0", **kwargs) -> FDG:
+    return FDG(scale_low, scale_high, levels, scales, parallel_weight, space, **kwargs)
 
 
 @register("characteristic", family="cfg", paper="Zheng & Lan 2024, Characteristic Guidance: Non-linear Correction for Diffusion Model at Large Guidance Scale",

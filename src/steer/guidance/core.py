@@ -15,16 +15,26 @@ is inactive; inactive terms request no branch, so the unconditional pass is skip
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
+import numbers
+import reprlib
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
 from ..core import Ctx, Denoised
-from ..spec import parse_spec
+from ..prediction import KINDS
+from ..spec import format_spec, is_literal, parse_spec
 
-__all__ = ["Ctx", "Guidance", "Term", "OutputModifier", "Stack", "interval", "parse", "REGISTRY", "register"]
+__all__ = ["Ctx", "Guidance", "Term", "OutputModifier", "Stack", "interval", "parse", "REGISTRY", "register", "SPACES"]
+
+SPACES = ("raw", *KINDS)  # where a method may combine predictions; "raw" is the model's own output kind
 
 
 def _in(lo: float, hi: float, sigma: float) -> bool:
@@ -43,6 +53,7 @@ class Guidance:
 
     name = "guidance"
     needs_renoise = False  # returns a separate re-noise estimate (CFG++)
+    _spec: tuple[str, dict] | None = None  # (method, options given) when built by a registered constructor
 
     def reset(self) -> None:
         """Called at the start of every sampling call (restarts random streams such as TPG's shuffle). State that
@@ -71,8 +82,15 @@ class Guidance:
         return Stack([self, other])
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-        return f"{self.name}({opts})"
+        """The spec string of the registered call that built this object (``parse`` reads it back), or, for an
+        object built from its class or with a value a spec cannot hold (a model, a function), a description of
+        its options in the same form."""
+        if self._spec is not None and all(map(is_literal, self._spec[1].values())):
+            return format_spec(*self._spec)
+        return self._describe()
+
+    def _describe(self) -> str:
+        return format_spec(self.name, self.options())
 
     def options(self) -> dict:
         return {}
@@ -89,13 +107,24 @@ class Term(Guidance):
     pos, neg, space = "cond", "uncond", "x0"
     always_neg = False  # evaluate neg even at scale 1 (CFG++ re-noises with it)
 
-    def __init__(self, scale: float, sigma_lo: float = 0.0, sigma_hi: float = math.inf, schedule=None,
-                 when: tuple[float, float] | None = None, clamp: float = 2.0):
+    def __init__(self, scale: float, sigma_lo: float = 0.0, sigma_hi: float = math.inf,
+                 schedule: str | Callable | None = None, when: tuple[float, float] | None = None, clamp: float = 2.0):
+        check_options(self.name, Term.__init__, scale=scale, sigma_lo=sigma_lo, sigma_hi=sigma_hi, schedule=schedule,
+                      when=when, clamp=clamp)
+        if when is not None and (sigma_lo, sigma_hi) != (0.0, math.inf):
+            raise ValueError(f"{self.name}: give the guidance interval either as when=(lo, hi) or as sigma_lo= and "
+                             "sigma_hi=, not both")
+        if clamp != 2.0 and schedule != "clamp_linear":
+            raise ValueError(f"{self.name}: clamp is the floor of schedule='clamp_linear' and does nothing with "
+                             f"schedule={schedule!r}")
         self.scale = float(scale)
         self.sigma_lo, self.sigma_hi = interval(*when) if when is not None else interval(sigma_lo, sigma_hi)
         from .schedules import get_schedule
 
-        self.schedule = get_schedule(schedule, clamp)
+        try:
+            self.schedule = get_schedule(schedule, clamp)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
 
     def weight(self, ctx: Ctx) -> float:
         if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma_bar):
@@ -125,7 +154,9 @@ class Term(Guidance):
         if (self.sigma_lo, self.sigma_hi) != (0.0, math.inf):
             out.update(sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
         if self.schedule is not None:
-            out["schedule"] = self.schedule.name
+            out["schedule"] = getattr(self.schedule, "fn", self.schedule.name)  # a custom schedule: the function
+            if self.schedule.name == "clamp_linear":
+                out["clamp"] = self.schedule.clamp
         return out
 
 
@@ -151,6 +182,7 @@ class Stack(Guidance):
         for p in parts:
             flat.extend(p.parts if isinstance(p, Stack) else [p])
         self.parts = flat
+        self._shown = [q for p in parts for q in (p._shown if isinstance(p, Stack) and p._spec is None else [p])]
         self.terms = [p for p in flat if not isinstance(p, OutputModifier)]
         self.outputs = sorted((p for p in flat if isinstance(p, OutputModifier)), key=lambda p: p.order)
         pairs = [(t.pos, t.neg) for t in self.terms if isinstance(t, Term)]
@@ -203,8 +235,8 @@ class Stack(Guidance):
             return Denoised(d, renoise.eps, renoise.x0_hist)
         return d
 
-    def __repr__(self):
-        return " + ".join(map(repr, self.parts))
+    def _describe(self):
+        return " + ".join(map(repr, self._shown))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,37 +252,170 @@ class MethodInfo:
     arxiv: str
     space: str
     extra_nfe: str
-    needs_grad: bool = False
     needs_hooks: bool = False
     defaults_source: str = ""
     notes: str = ""
-    defaults: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # the constructor's own options
+    options: dict = field(default_factory=dict)  # every option it accepts (with the term's, given **kwargs), default
 
 
 REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register(name: str, *, family: str, paper: str, arxiv: str, space: str, extra_nfe: str,
-             defaults_source: str, needs_grad: bool = False, needs_hooks: bool = False, notes: str = ""):
-    """Decorator: make a constructor reachable by its spec name and listed by ``steer methods``."""
+             defaults_source: str, needs_hooks: bool = False, notes: str = ""):
+    """Decorator: make a constructor reachable by its spec name and listed by ``steer methods``.
+
+    The registered constructor checks the type of every option, and the object it returns remembers the call (the
+    options that differ from their defaults), which is what its ``repr`` prints. A constructor's ``**kwargs`` stand
+    for the options of ``Term`` (``sigma_lo``, ``sigma_hi``, ``when``, ``schedule``, ``clamp``).
+    """
 
     def deco(fn):
-        import inspect
+        params = inspect.signature(fn).parameters
+        own = {k: p.default for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        options = dict(own)
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            options.update({k: v for k, v in _TERM_OPTIONS.items() if k not in own})
+        hints = {**_hints(Term.__init__), **_hints(fn)}
+        hints = {k: hints.get(k) for k in options}
 
-        defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()
-                    if v.default is not inspect.Parameter.empty}
-        REGISTRY[name] = MethodInfo(name, fn, family, paper, arxiv, space, extra_nfe, needs_grad, needs_hooks,
-                                    defaults_source, notes, defaults)
-        return fn
+        @functools.wraps(fn)
+        def make(*args, **kwargs):
+            given = _bind(name, list(own), options, args, kwargs)
+            for k, v in given.items():
+                check_option(name, k, v, hints[k])
+            changed = {k: v for k, v in given.items() if not _is_default(v, options[k])}
+            guidance = fn(**{k: v for k, v in given.items() if k in own or k in changed})
+            guidance._spec = (name, changed)
+            return guidance
+
+        REGISTRY[name] = MethodInfo(name, make, family, paper, arxiv, space, extra_nfe, needs_hooks, defaults_source,
+                                    notes, {k: v for k, v in own.items() if v is not inspect.Parameter.empty},
+                                    options)
+        return make
 
     return deco
+
+
+_TERM_OPTIONS = {k: p.default for k, p in inspect.signature(Term.__init__).parameters.items()
+                 if k not in ("self", "scale")}
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(fn) -> dict:
+    try:
+        return typing.get_type_hints(fn)
+    except (NameError, TypeError):  # an annotation that does not evaluate here: no type check from it
+        return {}
+
+
+def _bind(method: str, positional: list[str], options: dict, args: tuple, kwargs: dict) -> dict:
+    """The options of a call, by name, in the order of ``options``; unknown or repeated options raise."""
+    if len(args) > len(positional):
+        raise ValueError(f"{method} takes at most {len(positional)} positional arguments, got {len(args)}")
+    given = dict(zip(positional, args))
+    for k, v in kwargs.items():
+        if k not in options:
+            close = difflib.get_close_matches(k, options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{method} has no option {k!r}{hint}; options: {', '.join(options)}")
+        if k in given:
+            raise ValueError(f"{method} got {k!r} twice, by position and by name")
+        given[k] = v
+    return {k: given[k] for k in options if k in given}
+
+
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    if not (is_literal(value) and is_literal(default)):
+        return False
+    return (type(value) is type(default) or _numbers(value, default)) and value == default
+
+
+def _numbers(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def check_option(method: str, option: str, value, hint) -> None:
+    """Raise a ValueError naming the method and the option when ``value`` does not fit the type ``hint``
+    (numbers, integers, booleans, strings, None, lists and tuples of them, functions; any other class is left to
+    the constructor)."""
+    if hint is not None and not _fits(value, hint):
+        raise ValueError(f"{method}: {option} must be {_type_name(hint)}, got {reprlib.repr(value)} "
+                         f"({type(value).__name__})")
+
+
+def check_options(method: str, fn, **values) -> None:
+    """``check_option`` for each of ``values``, with the type hints of ``fn``."""
+    hints = _hints(fn)
+    for k, v in values.items():
+        check_option(method, k, v, hints.get(k))
+
+
+def check_choice(method: str, option: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{method}: {option} must be one of {', '.join(map(repr, allowed))}, got "
+                         f"{reprlib.repr(value)}")
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if hint is Callable or origin is typing.get_origin(Callable):
+        return callable(value)
+    return True
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        names = [_type_name(h) for h in args]
+        return ", ".join(names[:-1]) + " or " + names[-1]
+    if origin in (list, tuple):
+        kind = "list" if origin is list else "tuple"
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a {kind} of {len(args)} {_plural(args[0])}" if len(set(args)) == 1 else f"a {kind}"
+        return f"a {kind} of {_plural(args[0])}" if args else f"a {kind}"
+    names = {float: "a number", int: "an integer", bool: "True or False", str: "a string", type(None): "None"}
+    if hint in names:
+        return names[hint]
+    if hint is Callable or origin is typing.get_origin(Callable):
+        return "a function"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plural(hint) -> str:
+    return {float: "numbers", int: "integers", bool: "booleans", str: "strings"}.get(hint, "values")
 
 
 def _build(name: str, args: tuple, kwargs: dict) -> Guidance:
     if name not in REGISTRY:
         raise ValueError(f"unknown guidance method {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
+    info = REGISTRY[name]
+    if len(args) > 1:
+        first = next(iter(info.options))
+        raise ValueError(f"{name} takes at most 1 positional argument ({first}) in a spec, got {len(args)}: "
+                         f"give the others by name, {name}({first}=..., option=value, ...); "
+                         f"options: {', '.join(info.options)}")
     try:
-        return REGISTRY[name].make(*args, **kwargs)
+        return info.make(*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for guidance {name!r}: {e}") from e
 

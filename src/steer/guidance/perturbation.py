@@ -14,7 +14,7 @@ import math
 
 from ..core import Branch
 from ..models import get_model, hooks
-from .core import Term, register
+from .core import Term, check_choice, register
 
 __all__ = ["Branch", "Perturbed", "Autoguidance", "pag", "seg", "tpg", "slg", "autoguidance"]
 
@@ -25,8 +25,9 @@ class Perturbed(Term):
     space = "x0"
 
     def __init__(self, name: str, perturbation: hooks.Perturbation, scale: float, **kwargs):
+        self.name = name
         super().__init__(scale, **kwargs)
-        self.name, self.neg, self.perturbation = name, name, perturbation
+        self.neg, self.perturbation = name, perturbation
 
     def reset(self):
         self.perturbation.reset()
@@ -35,7 +36,17 @@ class Perturbed(Term):
         return {self.name: Branch("cond", self.perturbation)}
 
     def options(self):
-        return {**super().options(), "layers": list(self.perturbation.layers) if self.perturbation.layers else "mid"}
+        p, options = self.perturbation, super().options()
+        options["layers"] = _layers(p)
+        if isinstance(p, hooks.SmoothedEnergy):
+            options["blur_sigma"] = p.sigma
+        if isinstance(p, hooks.TokenShuffle):
+            options["seed"] = p.seed
+        return options
+
+
+def _layers(perturbation: hooks.Perturbation) -> list[str] | None:
+    return None if perturbation.layers is None else list(perturbation.layers)
 
 
 class Autoguidance(Term):
@@ -53,9 +64,15 @@ class Autoguidance(Term):
         if guide is None:
             raise ValueError("autoguidance needs guide=, a weaker Denoiser of the same model (e.g. "
                              "steer.testbeds.digits.load('flow-weak'), or the name 'flow-weak')")
+        if not (isinstance(guide, str) or callable(guide)):
+            raise ValueError(f"autoguidance: guide must be a Denoiser or the name of a registered model such as "
+                             f"'flow-weak', got {guide!r}")
         self.guide_name = guide if isinstance(guide, str) else None  # a registered model, so spec strings can use it
         super().__init__(scale, **kwargs)
-        self.guide_model = get_model(guide) if isinstance(guide, str) else guide
+        try:
+            self.guide_model = get_model(guide) if isinstance(guide, str) else guide
+        except ValueError as e:
+            raise ValueError(f"autoguidance: {e}") from None
 
     def prepare(self, device):
         if self.guide_name is not None and hasattr(self.guide_model, "to"):
@@ -65,13 +82,13 @@ class Autoguidance(Term):
         return {"guide": Branch("cond", None, self.guide_model)}
 
     def options(self):
-        return {**super().options(), "guide": type(self.guide_model).__name__}
+        return {**super().options(), "guide": self.guide_name or self.guide_model}
 
 
 @register("pag", family="perturbation", paper="Ahn et al. 2024, Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance",
           arxiv="2403.17377", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4): the paper and diffusers' PAG pipelines; layers: the middle block")
-def pag(scale: float = 4.0, layers=None, **kwargs) -> Perturbed:
+def pag(scale: float = 4.0, layers: str | list[str] | None = None, **kwargs) -> Perturbed:
     """PAG: the chosen self-attention maps are replaced by the identity (``SA(Q, K, V) = V``) in the perturbed pass."""
     return Perturbed("pag", hooks.IdentityAttention(layers), scale, **kwargs)
 
@@ -79,7 +96,8 @@ def pag(scale: float = 4.0, layers=None, **kwargs) -> Perturbed:
 @register("seg", family="perturbation", paper="Hong 2024, Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy Curvature of Attention",
           arxiv="2408.00760", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4), σ = ∞: the official SEG pipeline; layers: the middle block")
-def seg(scale: float = 4.0, blur_sigma: float = math.inf, layers=None, **kwargs) -> Perturbed:
+def seg(scale: float = 4.0, blur_sigma: float = math.inf, layers: str | list[str] | None = None,
+        **kwargs) -> Perturbed:
     """SEG: the queries of the chosen self-attention layers are blurred over the token grid (σ = ∞: their mean)."""
     return Perturbed("seg", hooks.SmoothedEnergy(layers, blur_sigma), scale, **kwargs)
 
@@ -87,7 +105,7 @@ def seg(scale: float = 4.0, blur_sigma: float = math.inf, layers=None, **kwargs)
 @register("tpg", family="perturbation", paper="Rajabi et al. 2025, Token Perturbation Guidance for Diffusion Models",
           arxiv="2506.10036", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4): the official TPG pipeline; layers: the middle block")
-def tpg(scale: float = 4.0, layers=None, seed: int = 0, **kwargs) -> Perturbed:
+def tpg(scale: float = 4.0, layers: str | list[str] | None = None, seed: int = 0, **kwargs) -> Perturbed:
     """TPG: the tokens entering the chosen blocks are shuffled (one seeded permutation per call)."""
     return Perturbed("tpg", hooks.TokenShuffle(layers, seed), scale, **kwargs)
 
@@ -95,7 +113,7 @@ def tpg(scale: float = 4.0, layers=None, seed: int = 0, **kwargs) -> Perturbed:
 @register("slg", family="perturbation", paper="Skip-layer guidance (Stability AI, SD3.5 reference code)",
           arxiv="-", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 2.5 (w = 3.5): SD3.5's sd3_infer.py; layers: the middle block (SD3.5 Medium: 7, 8, 9)")
-def slg(scale: float = 3.5, layers=None, **kwargs) -> Perturbed:
+def slg(scale: float = 3.5, layers: str | list[str] | None = None, **kwargs) -> Perturbed:
     """Skip-layer guidance: the chosen blocks are skipped in the perturbed pass."""
     return Perturbed("slg", hooks.SkipLayer(layers), scale, **kwargs)
 
@@ -135,7 +153,9 @@ class NAG(Term):
         return preds["nag"] if self.active(ctx) else preds["cond"]
 
     def options(self):
-        return {"scale": self.scale, "tau": self.perturbation.tau, "alpha": self.perturbation.alpha}
+        p = self.perturbation
+        return {**super().options(), "tau": p.tau, "alpha": p.alpha, "layers": _layers(p),
+                "use_negative": self.ref == "negative"}
 
 
 class SAG(Term):
@@ -153,8 +173,7 @@ class SAG(Term):
 
     def __init__(self, scale: float = 1.75, blur_sigma: float = 1.0, layers=None, source: str = "uncond", **kwargs):
         super().__init__(scale, **kwargs)
-        if source not in ("uncond", "cond"):
-            raise ValueError(f"sag source must be 'uncond' (with CFG) or 'cond' (without), got {source!r}")
+        check_choice(self.name, "source", source, ("uncond", "cond"))  # uncond: with CFG; cond: without
         self.blur_sigma, self.source = float(blur_sigma), source
         self.recorder = hooks.RecordAttention(layers)
 
@@ -183,7 +202,8 @@ class SAG(Term):
         return preds["cond"] + (self.weight(ctx) - 1) * (degraded - d_again)
 
     def options(self):
-        return {"scale": self.scale, "blur_sigma": self.blur_sigma}
+        return {**super().options(), "blur_sigma": self.blur_sigma, "layers": _layers(self.recorder),
+                "source": self.source}
 
 
 def _grid_of(n_tokens: int, size) -> tuple[int, int]:
@@ -212,12 +232,14 @@ def _gaussian_blur(x, sigma: float, size: int = 9):
 @register("nag", family="perturbation", paper="Chen et al. 2025, Normalized Attention Guidance: Universal Negative Guidance for Diffusion Models",
           arxiv="2505.21179", space="attention outputs", extra_nfe="+1 (the negative branch)", needs_hooks=True,
           defaults_source="φ = 5, τ = 1.5, α = 0.5: ComfyUI NAGuidance; all attention layers")
-def nag(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers=None, use_negative: bool = False, **kwargs) -> NAG:
+def nag(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers: str | list[str] | None = None,
+        use_negative: bool = False, **kwargs) -> NAG:
     return NAG(scale, tau, alpha, layers, use_negative, **kwargs)
 
 
 @register("sag", family="perturbation", paper="Hong et al. 2023, Improving Sample Quality of Diffusion Models Using Self-Attention Guidance",
           arxiv="2210.00939", space="x0", extra_nfe="+1 (sequential)", needs_hooks=True,
           defaults_source="s = 0.75 (w = 1.75), blur σ = 1: the diffusers SAG pipeline; layer: the middle block")
-def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers=None, source: str = "uncond", **kwargs) -> SAG:
+def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers: str | list[str] | None = None, source: str = "uncond",
+        **kwargs) -> SAG:
     return SAG(scale, blur_sigma, layers, source, **kwargs)
