@@ -31,7 +31,8 @@ def main():
     g = gmm.toy(dim=2)
     z = torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     labels = torch.arange(args.samples) % g.n_classes
-    lines = [f"| solver | path | RMS error at {', '.join(map(str, ns))} steps | order per halving |", "|---|---|---|---|"]
+    lines = [f"| solver | path | RMS error at {', '.join(map(str, ns))} steps | order per halving |",
+             "|---|---|---|---|"]
     for name in SOLVERS:
         for path_name, (t0, t1, pred) in CASES.items():
             den = g.denoiser(path_name, pred)

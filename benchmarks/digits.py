@@ -3,8 +3,9 @@
 For each method and scale: 25 dpmpp_2m steps, ``--samples`` samples (labels cycling 0–9) for each of ``--seeds``
 seeds. Metrics, against the 1,797 real digits, in the digit classifier's feature space: class accuracy, Fréchet
 distance (FD), precision and recall (k = 3); saturation: the fraction of pixels beyond the data range [−1, 1] and
-the mean excess |x| − 1 beyond it; NFE per sample. (The data sit at exactly ±1 in the background and strokes, so the fraction counts pixels more than 10% beyond the range.) Mean ± std over seeds. Writes benchmarks/out/digits.md and a PNG
-grid per method and scale (10 samples of each digit) in benchmarks/out/digits/.
+the mean excess |x| − 1 beyond it; NFE per sample. (The data sit at exactly ±1 in the background and strokes, so
+the fraction counts pixels more than 10% beyond the range.) Mean ± std over seeds. Writes benchmarks/out/digits.md
+and a PNG grid per method and scale (10 samples of each digit) in benchmarks/out/digits/.
 
 Scales are in the w-form for every method (w = 1: the conditional model alone; perturbation terms add
 (w − 1)(D_c − D_perturbed)). CFG++ uses λ = min(1, (w − 1)/11), its range [0, 1] mapped onto CFG's [1, 12].
@@ -111,9 +112,9 @@ def main():
                                            f"_{'none' if w is None else f'{w:g}'}.png", grid(res.x, labels))
         table[(name, w)] = {k: torch.tensor([r[k] for r in per_seed], dtype=torch.float64) for k in per_seed[0]}
         m = table[(name, w)]
-        print(f"{name:14s} w={w!s:5s} acc {m['acc'].mean():.3f} FD {m['fd'].mean():8.3f} prec {m['precision'].mean():.3f} "
-              f"rec {m['recall'].mean():.3f} sat {m['sat_frac'].mean():.4f} nfe {m['nfe'].mean():.0f}  "
-              f"[{time.time() - t0:.0f}s]", flush=True)
+        print(f"{name:14s} w={w!s:5s} acc {m['acc'].mean():.3f} FD {m['fd'].mean():8.3f} "
+              f"prec {m['precision'].mean():.3f} rec {m['recall'].mean():.3f} sat {m['sat_frac'].mean():.4f} "
+              f"nfe {m['nfe'].mean():.0f}  [{time.time() - t0:.0f}s]", flush=True)
 
     fmt = lambda v, d=3: f"{v.mean():.{d}f} ± {v.std():.{d}f}" if len(v) > 1 else f"{v.mean():.{d}f}"  # noqa: E731
     lines = [f"Digits flow model, {args.steps} dpmpp_2m steps, {args.samples} samples × {args.seeds} seeds (mean ± std "
@@ -123,8 +124,8 @@ def main():
              "|---|---|---|---|---|---|---|---|---|"]
     for (name, w), m in table.items():
         lines.append(f"| {name} | {'-' if w is None else f'{w:g}'} | {fmt(m['acc'])} | {fmt(m['fd'], 2)} | "
-                     f"{fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['sat_frac'], 4)} | {fmt(m['sat_excess'], 4)} | "
-                     f"{m['nfe'].mean():.0f} |")
+                     f"{fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['sat_frac'], 4)} | "
+                     f"{fmt(m['sat_excess'], 4)} | {m['nfe'].mean():.0f} |")
     OUT.mkdir(exist_ok=True)
     (OUT / "digits.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -16,7 +16,6 @@ posterior.
     python benchmarks/guidance_overhead.py [--batch 16] [--size 128] [--repeats 20] [--threads 1]
 """
 import argparse
-import math
 import statistics
 import time
 import warnings
@@ -98,9 +97,12 @@ def combine_table(batch: int, size: int, repeats: int) -> list[str]:
          lambda: dg.ClassifierFreeGuidance(guidance_scale=7.5, guidance_rescale=0.7)),
         ("apg", g.apg(10.0, 0.0, 15.0, -0.5), g.apg(10.0, 0.0, 15.0, -0.5, space="raw"),
          lambda: dg.AdaptiveProjectedGuidance(guidance_scale=9.0, eta=0.0, adaptive_projected_guidance_rescale=15.0,
-                                              adaptive_projected_guidance_momentum=-0.5, use_original_formulation=True)),
-        ("cfg_zero_star", g.cfg_zero_star(4.0, 0), None, lambda: dg.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=0)),
-        ("tcfg", g.tcfg(7.5), g.tcfg(7.5, space="raw"), lambda: dg.TangentialClassifierFreeGuidance(guidance_scale=7.5)),
+                                              adaptive_projected_guidance_momentum=-0.5,
+                                              use_original_formulation=True)),
+        ("cfg_zero_star", g.cfg_zero_star(4.0, 0), None,
+         lambda: dg.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=0)),
+        ("tcfg", g.tcfg(7.5), g.tcfg(7.5, space="raw"),
+         lambda: dg.TangentialClassifierFreeGuidance(guidance_scale=7.5)),
         ("fdg", g.fdg(5.0, 10.0), None, lambda: dg.FrequencyDecoupledGuidance(guidance_scales=[10.0, 5.0])),
         ("mambo", g.mambo(10.0, 8.0), None, None),  # diffusers' fails on 4-D latents (tests/test_parity_guiders.py)
         ("adaptive", g.adaptive(7.5, 0.999), None, None),
@@ -110,7 +112,8 @@ def combine_table(batch: int, size: int, repeats: int) -> list[str]:
         ("perp_neg", g.perp_neg(7.5, 1.0), None, None),
     ]
     cfg = g.cfg(7.5)
-    lines = [f"Combine step on {batch}×4×{size}×{size} float32 latents, median ms ({torch.get_num_threads()} thread(s), warm allocator).",
+    lines = [f"Combine step on {batch}×4×{size}×{size} float32 latents, median ms "
+             f"({torch.get_num_threads()} thread(s), warm allocator).",
              "", "| method | steer (paper's space) ms | × steer CFG | steer (diffusers' space) ms | diffusers ms | "
              "steer / diffusers |", "|---|---|---|---|---|---|"]
     for label, method, raw, make in rows:

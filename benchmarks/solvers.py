@@ -11,11 +11,15 @@ libraries lower the order of the last steps of DPM-Solver++ and DEIS (``lower_or
 
 (b) Loop overhead. Wall time of ``steer.sample`` (the whole call) against diffusers' canonical loop
 (``set_timesteps``; ``for t in timesteps: out = model(scale_model_input(x, t), t); x = step(out, t, x).prev_sample``)
-driving the same tiny MLP on a 1×4×8×8 latent, batch 1, 50 steps; median of repeats after warm-up.
+driving the same tiny MLP on a 1×4×8×8 latent, batch 1, 50 steps; median of repeats after warm-up. Then the loop
+alone: a flow model that costs almost nothing (one 16×16 matmul on a 16-dim state, batch 1), 200 steps of
+steer's flow ``euler`` against diffusers' FlowMatchEulerDiscreteScheduler loop on the scheduler's grid (no autograd
+context on either side: no tensor requires grad); per-step time of each side, goal steer / diffusers ≤ 1.0.
 
-Writes a markdown report to stdout and benchmarks/out/solvers.md.
+Writes a markdown report to stdout and ``--out`` (default benchmarks/out/solvers.md).
 
     python benchmarks/solvers.py [--dim 2] [--samples 256] [--nfe 5 10 20] [--repeats 30] [--threads 1]
+    python benchmarks/solvers.py --skip-accuracy --out /tmp/solvers.md   # the loop overhead only
 """
 import argparse
 import statistics
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 import steer
-from steer.integrations.diffusers_schedulers import make_scheduler, run_scheduler, steer_noise
+from steer.integrations.diffusers_schedulers import make_scheduler, run_scheduler, scheduler_levels, steer_noise
 from steer.testbeds import gmm
 
 # label, steer solver, diffusers counterpart (make_scheduler spec), path, prediction
@@ -175,6 +179,46 @@ def overhead_table(args) -> list[str]:
     return lines
 
 
+def trivial_model_table(args) -> list[str]:
+    """The loop alone: steer's flow Euler against FlowMatchEulerDiscreteScheduler on a model that costs almost
+    nothing, on the same grid (the scheduler's)."""
+    dim, steps = 16, args.trivial_steps
+    weight = 0.1 * torch.randn(dim, dim, generator=torch.Generator().manual_seed(0))
+    model = steer.denoiser(lambda x, t, cond: x @ weight, path="flow", prediction="flow")
+    z = torch.randn(1, dim, generator=torch.Generator().manual_seed(1))
+    sch = make_scheduler("euler", "flow", "flow")  # FlowMatchEulerDiscreteScheduler, shift 1
+    sch.set_timesteps(steps)
+    _, grid = scheduler_levels(sch, "flow")
+
+    def model_only():
+        x = z
+        for _ in range(steps):
+            x = x @ weight
+
+    def steer_loop():
+        return steer.sample(model, noise=z, solver="euler", timesteps=grid)
+
+    def diffusers_loop():
+        sch.set_timesteps(steps)
+        x = z
+        for t in sch.timesteps:
+            x = sch.step(x @ weight, t, x).prev_sample
+        return x
+
+    gap = float((steer_loop() - diffusers_loop()).abs().max())
+    assert gap < 1e-5, f"steer and diffusers disagree on the trivial model: max |Δ| = {gap:.2e}"
+    m, s, d = (1e3 * ms / steps for ms in _median_ms([model_only, steer_loop, diffusers_loop], args.repeats,
+                                                      args.warmup))
+    lines = ["", f"### (b′) The loop alone: a near-free flow model (x ↦ x·W, 16 dims), batch 1, {steps} flow "
+             f"Euler steps (median of {args.repeats}, {torch.get_num_threads()} thread(s))", "",
+             "| model alone per step (µs) | steer per step (µs) | diffusers per step (µs) | "
+             "ratio steer/diffusers (goal ≤ 1.0) | max abs. difference steer vs diffusers |",
+             "|---|---|---|---|---|",
+             f"| {m:.1f} | {s:.1f} | {d:.1f} | {s / d:.2f} {'✓' if s <= d else '✗'} | {gap:.1e} |"]
+    print(lines[-1], flush=True)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=2, help="dimension of the Gaussian-mixture testbed")
@@ -187,6 +231,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings)")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--trivial-steps", type=int, default=200, help="steps of the near-free flow model's loop")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "solvers.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import diffusers
@@ -196,10 +242,10 @@ def main():
         lines += accuracy_table(args)
     if not args.skip_overhead:
         lines += overhead_table(args)
-    out = Path(__file__).parent / "out" / "solvers.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"\nwritten to {out}")
+        lines += trivial_model_table(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -215,8 +215,8 @@ def test_training_smoke(tmp_path):
     # the same seed gives the same weights; the CLI adds entries to the manifest
     again = digits.train_all(tmp_path / "again", seed=0, recipes=digits.tiny_recipes(iters=2), names=("flow",))
     assert again["flow"]["sha256"] == entries["flow"]["sha256"]
-    res = CliRunner().invoke(app, ["testbed", "train", "digits", "--smoke", "--out", str(out), "--only", "eps,flow-weak"],
-                             env={"COLUMNS": "200"})
+    res = CliRunner().invoke(app, ["testbed", "train", "digits", "--smoke", "--out", str(out),
+                                   "--only", "eps,flow-weak"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / digits.MANIFEST).read_text())
     assert list(manifest["models"]) == list(digits.NAMES)

@@ -57,8 +57,8 @@ def test_every_method_and_solver_in_half_precision(models, size, method):
 def test_sums_of_squares_that_overflow_float16(spec):
     """Per-sample sums over a 16×128×128 latent of values ~±8 reach ~1.7e7, far above float16's 65504: the
     reductions must accumulate in float32. Compared with the float32 run of the same noise."""
-    den = steer.denoiser(lambda x, t, c: (8.0 * torch.tanh(x.float()) * (1 + c.float()[:, None, None, None])).to(x.dtype),
-                         "flow", "flow")
+    den = steer.denoiser(lambda x, t, c: (8.0 * torch.tanh(x.float())
+                                          * (1 + c.float()[:, None, None, None])).to(x.dtype), "flow", "flow")
     den.null_cond = lambda cond, batch: torch.zeros(batch)
     noise = torch.randn(1, 16, 128, 128, generator=torch.Generator().manual_seed(0))
     kw = dict(cond=torch.ones(1), guidance=spec, solver="euler", steps=3)

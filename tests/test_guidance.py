@@ -354,8 +354,8 @@ def test_cfgpp_dpmpp_2m_history_holds_unconditional(toy):
     d1 = du1 + lam * (pm(x1, 1, labels) - du1)
     h, r = L[2] - L[1], (L[1] - L[0]) / (L[2] - L[1])
     x2 = a[2] * d1 + s[2] * (x1 - a[1] * du1) / s[1] + a[2] * (1 - math.exp(-h)) * (d1 - du0) / (2 * r)
-    got = steer.sample(den, noise=z, cond=labels, guidance=f"cfgpp(scale={lam})", solver="dpmpp_2m(lower_order_final=False)",
-                       timesteps=ts)
+    got = steer.sample(den, noise=z, cond=labels, guidance=f"cfgpp(scale={lam})",
+                       solver="dpmpp_2m(lower_order_final=False)", timesteps=ts)
     assert torch.allclose(got, x2, atol=1e-12)
 
 
@@ -488,7 +488,8 @@ def test_characteristic_moves_cfg_towards_the_tilted_target():
     den = mix.denoiser("vp-linear", "eps")
     xs = torch.linspace(-4, 5, 20001, dtype=torch.float64)[:, None]
     w = 4.0
-    lt = w * mix.log_marginal(xs, 1.0, 0.0, torch.zeros(len(xs), dtype=torch.long)) + (1 - w) * mix.log_marginal(xs, 1.0, 0.0)
+    lt = (w * mix.log_marginal(xs, 1.0, 0.0, torch.zeros(len(xs), dtype=torch.long))
+          + (1 - w) * mix.log_marginal(xs, 1.0, 0.0))
     pt = torch.softmax(lt, 0)
     mean = float((pt * xs[:, 0]).sum())
     std = float((pt * (xs[:, 0] - mean) ** 2).sum().sqrt())
@@ -511,7 +512,8 @@ def test_perp_neg_keeps_the_prompt_when_the_negative_overlaps_it(toy):
     run = lambda **kw: steer.sample(den, noise=z, cond=labels, steps=12, **kw)  # noqa: E731
     assert torch.allclose(run(guidance="perp_neg(scale=3)", negative=labels), run(guidance="cfg(scale=3)"), atol=1e-9)
     assert torch.allclose(run(guidance="cfg(scale=3)", uncond=labels), run(guidance=None), atol=1e-9)
-    assert not torch.allclose(run(guidance="perp_neg(scale=3)", negative=(labels + 1) % 3), run(guidance="cfg(scale=3)"))
+    assert not torch.allclose(run(guidance="perp_neg(scale=3)", negative=(labels + 1) % 3),
+                              run(guidance="cfg(scale=3)"))
 
 
 def test_tag_amplifies_only_the_tangential_part_of_an_euler_step(toy):

@@ -85,7 +85,8 @@ def test_resample_with_per_item_generators(toy, solver):
 def test_resample_rejects_bad_indices(toy):
     it = steer.sampler(toy, cond=torch.tensor([1, 2]), steps=3, seed=0)
     next(iter(it))
-    for bad in (torch.tensor([0, 2]), torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0]), torch.tensor([], dtype=torch.long)):
+    for bad in (torch.tensor([0, 2]), torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0]),
+                torch.tensor([], dtype=torch.long)):
         with pytest.raises(ValueError, match="resample"):
             it.resample(bad)
 
@@ -304,7 +305,8 @@ def test_large_finite_half_values_are_not_reported():
 def test_bad_generators_and_seeds_are_clear():
     den = ToyLatentModel((4, 8, 8))
     for kwargs, msg in (({"seed": "abc"}, "seed must be an int"), ({"seed": [1, 2, 3]}, "3 generators"),
-                        ({"generator": 5}, "generator must be"), ({"seed": 1, "generator": torch.Generator()}, "not both"),
+                        ({"generator": 5}, "generator must be"),
+                        ({"seed": 1, "generator": torch.Generator()}, "not both"),
                         ({"seed": 1, "dtype": torch.long}, "dtype must be")):
         with pytest.raises(ValueError, match=msg):
             steer.sample(den, cond=torch.tensor([1, 2]), steps=2, **kwargs)

@@ -16,7 +16,10 @@ pytest.importorskip("diffusers")
 
 import steer  # noqa: E402
 from steer.integrations.diffusers_schedulers import (  # noqa: E402
-    make_scheduler, run_scheduler, scheduler_levels, steer_noise,
+    make_scheduler,
+    run_scheduler,
+    scheduler_levels,
+    steer_noise,
 )
 from steer.solvers import Denoised, get_solver  # noqa: E402
 from steer.testbeds import gmm  # noqa: E402

@@ -45,7 +45,8 @@ def close(a, b):
 
 def test_cfg():
     c, u = preds()
-    assert close(steer_combine(g.cfg(5.0), c, u), run_diffusers(guiders.ClassifierFreeGuidance(guidance_scale=5.0), c, u))
+    assert close(steer_combine(g.cfg(5.0), c, u),
+                 run_diffusers(guiders.ClassifierFreeGuidance(guidance_scale=5.0), c, u))
 
 
 def test_cfg_rescale_in_raw_space():
@@ -77,7 +78,8 @@ def test_diffusers_apg_default_form_drops_the_parallel_unit_step():
     ``y_c − y_u`` parallel to ``y_c``: the default is not a reparametrisation of the paper's method."""
     c, u = preds(4)
     w = 6.0
-    d = run_diffusers(guiders.AdaptiveProjectedGuidance(guidance_scale=w, eta=0.0, adaptive_projected_guidance_rescale=0.0), c, u)
+    d = run_diffusers(guiders.AdaptiveProjectedGuidance(guidance_scale=w, eta=0.0,
+                                                        adaptive_projected_guidance_rescale=0.0), c, u)
     ours = steer_combine(g.apg(w, eta=0.0, rescale=0.0, momentum=0.0, space="raw"), c, u)
     delta = (c - u).double()
     unit = c.double() / c.double().flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
@@ -145,7 +147,8 @@ def test_fdg(levels, parallel):
     pytest.importorskip("kornia")
     c, u = preds(8)
     scales = [10.0] * (levels - 1) + [5.0]
-    d = run_diffusers(guiders.FrequencyDecoupledGuidance(guidance_scales=scales, parallel_weights=[parallel] * levels), c, u)
+    d = run_diffusers(guiders.FrequencyDecoupledGuidance(guidance_scales=scales, parallel_weights=[parallel] * levels),
+                      c, u)
     ours = g.fdg(scale_low=5.0, scale_high=10.0, levels=levels, parallel_weight=parallel, space="raw")
     assert close(steer_combine(ours, c, u), d)
 

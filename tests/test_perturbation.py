@@ -93,7 +93,8 @@ def test_middle_block_default_and_pattern_errors():
     net = random_net()
     assert list(hooks.select_sites(net, hooks.IdentityAttention())) == ["blocks.2.attn"]
     assert list(hooks.select_sites(net, hooks.SkipLayer())) == ["blocks.2"]
-    assert list(hooks.select_sites(net, hooks.IdentityAttention("blocks.*.attn"))) == [f"blocks.{i}.attn" for i in range(4)]
+    assert (list(hooks.select_sites(net, hooks.IdentityAttention("blocks.*.attn")))
+            == [f"blocks.{i}.attn" for i in range(4)])
     with pytest.raises(ValueError, match="no attention site matches .*available: blocks.0.attn"):
         hooks.select_sites(net, hooks.IdentityAttention("mid_block"))
     with pytest.raises(ValueError, match="needs a model with hookable layers"):
@@ -142,7 +143,8 @@ def test_perturbed_branch_batched_equals_alone(spec):
 
 def test_term_formulas_by_hand():
     ctx = g.Ctx.at(torch.zeros(1, 2), steer.get_path("flow"), 0.5)
-    preds = {"cond": torch.tensor([[1.0, 2.0]]), "uncond": torch.tensor([[0.0, 1.0]]), "pag": torch.tensor([[0.5, 0.0]])}
+    preds = {"cond": torch.tensor([[1.0, 2.0]]), "uncond": torch.tensor([[0.0, 1.0]]),
+             "pag": torch.tensor([[0.5, 0.0]])}
     # pag alone, w = 3: D_c + 2 (D_c − D_p) = (1 + 1, 2 + 4)
     assert torch.allclose(g.pag(3.0).combine(preds, ctx), torch.tensor([[2.0, 6.0]]))
     # cfg(2) + pag(3): D_u + 2 (D_c − D_u) + 2 (D_c − D_p) = (0 + 2 + 1, 1 + 2 + 4)
@@ -181,7 +183,8 @@ def test_autoguidance_one_step_by_hand():
     """Euler from t = 0.8 to 0.5 with D = D_0 + w (D_1 − D_0): main = the exact mixture, guide = the same mixture
     with doubled widths (a 'worse' model), both conditional, the guide in its own forward pass."""
     main = gmm.toy(dim=2)
-    worse = gmm.GaussianMixture(main.means, covs=main.covs * 4, weights=torch.softmax(main.log_weights, 0), labels=main.labels)
+    worse = gmm.GaussianMixture(main.means, covs=main.covs * 4, weights=torch.softmax(main.log_weights, 0),
+                                labels=main.labels)
     d1, d0 = main.denoiser("flow", "flow"), worse.denoiser("flow", "flow")
     z = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(5) % 3
@@ -229,7 +232,8 @@ def test_nag_changes_only_the_positive_rows_and_is_identity_at_scale_one():
     # the positive rows under NAG, by hand: blend each attention layer's outputs of the two rows, same batch
     net = den.net
     x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
-    with torch.no_grad(), hooks.perturb(net, {(0, 1): hooks.NormalizedAttention("blocks.*.attn", 4.0)}, {(0, 1): (1, 2)}):
+    rows = {(0, 1): hooks.NormalizedAttention("blocks.*.attn", 4.0)}
+    with torch.no_grad(), hooks.perturb(net, rows, {(0, 1): (1, 2)}):
         hooked = net(x, t, torch.tensor([3, 10]))
     with torch.no_grad():
         clean = net(x, t, torch.tensor([3, 10]))
@@ -261,8 +265,9 @@ def test_sag_mask_from_received_attention():
 
 
 @pytest.mark.parametrize("spec,min_acc", [
-    ("pag(scale=3)", 0.7), ("seg(scale=3)", 0.85), ("tpg(scale=3)", 0.6), ("slg(scale=3)", 0.85), ("nag(scale=3)", 0.85),
-    ("sag(scale=1.75, source='cond')", 0.85), ("cfg(scale=2) + pag(scale=2)", 0.95), ("cfg(scale=2) + sag(scale=1.75)", 0.95),
+    ("pag(scale=3)", 0.7), ("seg(scale=3)", 0.85), ("tpg(scale=3)", 0.6), ("slg(scale=3)", 0.85),
+    ("nag(scale=3)", 0.85), ("sag(scale=1.75, source='cond')", 0.85), ("cfg(scale=2) + pag(scale=2)", 0.95),
+    ("cfg(scale=2) + sag(scale=1.75)", 0.95),
     ("autoguidance(scale=2, guide='flow-weak')", 0.85)])
 def test_every_perturbation_method_runs_on_the_shipped_digits_model(spec, min_acc):
     """Wiring on real weights: the hooks reach the digits transformer's layers, the result is finite, and the digits
@@ -302,7 +307,8 @@ def test_nag_hook_matches_a_hand_built_network():
 
         attn.forward = forward
     with torch.no_grad():
-        with hooks.perturb(net, {(0, 1): hooks.NormalizedAttention("blocks.*.attn", phi, tau, alpha)}, {(0, 1): (1, 2)}):
+        rows = {(0, 1): hooks.NormalizedAttention("blocks.*.attn", phi, tau, alpha)}
+        with hooks.perturb(net, rows, {(0, 1): (1, 2)}):
             hooked = net(x, t, y)
         expect = manual(x, t, y)
     assert torch.allclose(hooked[0], expect[0], atol=1e-5)

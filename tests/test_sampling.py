@@ -142,7 +142,8 @@ def test_errors_are_clear(g):
     with pytest.raises(ValueError, match="model returned shape"):
         steer.sample(steer.denoiser(lambda x, t, c: x[:, :1], "flow", "flow"), noise=torch.randn(2, 2))
     with pytest.raises(ValueError, match="needs the .uncond. conditioning.*no null_cond"):
-        steer.sample(steer.denoiser(lambda x, t, c: x, "flow", "flow"), noise=torch.randn(2, 2), guidance="cfg(scale=2)")
+        steer.sample(steer.denoiser(lambda x, t, c: x, "flow", "flow"), noise=torch.randn(2, 2),
+                     guidance="cfg(scale=2)")
     with pytest.raises(ValueError, match="unknown prediction kind"):
         steer.denoiser(lambda x, t, c: x, "flow", "velocity")
 
@@ -173,7 +174,8 @@ def test_time_shift_sampler_by_hand():
                        timesteps=[s, t])
     t_new = t + (tau - s)
     assert torch.allclose(got, float(path.sigma(t_new)) * x / float(path.sigma(s)), atol=1e-9)
-    plain = steer.sample(den, noise=x / float(torch.hypot(path.alpha(s), path.sigma(s))), solver="ddim", timesteps=[s, t])
+    plain = steer.sample(den, noise=x / float(torch.hypot(path.alpha(s), path.sigma(s))), solver="ddim",
+                         timesteps=[s, t])
     assert torch.allclose(plain, float(path.sigma(t)) * x / float(path.sigma(s)), atol=1e-9)
 
 

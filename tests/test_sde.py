@@ -40,7 +40,8 @@ def test_ancestral_family_coincides(path, pred):
     den = g.denoiser(path, pred)
     labels = torch.arange(8) % 3
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = [steer.sample(den, noise=z, cond=labels, solver=s, steps=7, seed=5) for s in ("ddim(eta=1)", "ddpm", "euler_ancestral")]
+    out = [steer.sample(den, noise=z, cond=labels, solver=s, steps=7, seed=5)
+           for s in ("ddim(eta=1)", "ddpm", "euler_ancestral")]
     assert torch.allclose(out[0], out[1], atol=1e-10) and torch.allclose(out[0], out[2], atol=1e-10)
     ddim_half = steer.sample(den, noise=z, cond=labels, solver="ddim(eta=0.5)", steps=7, seed=5)
     anc_half = steer.sample(den, noise=z, cond=labels, solver="euler_ancestral(eta=0.5)", steps=7, seed=5)

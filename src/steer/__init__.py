@@ -4,7 +4,7 @@ from . import paths, prediction
 from .core import NonFiniteError
 from .models import Denoiser, denoiser
 from .paths import get_path
-from .sampling import SampleResult, Sampler, Step, sample, sampler
+from .sampling import Sampler, SampleResult, Step, sample, sampler
 from .solvers import SOLVERS, get_solver
 from .testbeds import digits as _digits  # noqa: F401  (registers the digits models by name)
 

@@ -282,7 +282,8 @@ class _Evaluator:
         self.passes += 1
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned a {type(out).__name__}; a Denoiser must return one tensor shaped like "
-                            "its input (a diffusers model: return model(...).sample or model(..., return_dict=False)[0])")
+                            "its input (a diffusers model: return model(...).sample or "
+                            "model(..., return_dict=False)[0])")
         if out.shape != xb.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
         self.record(("model", self.step, p.sigma_bar, names), out)
@@ -307,9 +308,11 @@ class _Evaluator:
                 if grad:
                     self.inputs.update(zip(names, parts))
                 xb = parts[0] if k == 1 else torch.cat(parts)
-                cb = self.conds[spec(names[0]).cond] if k == 1 else condlib.cat([self.conds[spec(n).cond] for n in names])
+                cb = (self.conds[spec(names[0]).cond] if k == 1
+                      else condlib.cat([self.conds[spec(n).cond] for n in names]))
                 rows = {(i * b, (i + 1) * b): spec(n).perturbation for i, n in enumerate(names) if spec(n).perturbation}
-                refs = {(i * b, (i + 1) * b): (names.index(spec(n).reference) * b, (names.index(spec(n).reference) + 1) * b)
+                refs = {(i * b, (i + 1) * b): (names.index(spec(n).reference) * b,
+                                               (names.index(spec(n).reference) + 1) * b)
                         for i, n in enumerate(names) if spec(n).reference in names}
                 out = self._forward(net, xb, p, cb, names, rows, refs)
                 self.nfe += k
@@ -428,7 +431,8 @@ def _noise_and_generators(model, noise, cond, shape, seed, generator, device, dt
             if item is None or n is None:
                 raise ValueError("pass noise=, or shape= (or a cond with a batch and a model with sample_shape)")
             shape = (n, *item)
-        device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        device = (torch.device(device) if device is not None
+                  else param.device if param is not None else torch.device("cpu"))
         if dtype is None:
             dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     batch = noise.shape[0] if noise is not None else shape[0]
@@ -463,7 +467,8 @@ def _fork(gens: list, rows: list[int], step: int) -> list:
             g = torch.Generator(device=gens[r].device)
             g.set_state(gens[r].get_state())
         else:
-            g = torch.Generator(device=gens[r].device).manual_seed(hash((gens[r].initial_seed(), step, k)) & (2**63 - 1))
+            g = torch.Generator(device=gens[r].device)
+            g.manual_seed(hash((gens[r].initial_seed(), step, k)) & (2**63 - 1))
         out.append(g)
     return out
 

@@ -103,7 +103,8 @@ class Euler(Solver):
 
     supports_renoise = True
 
-    name, order, paper = "euler", 1, "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models, arXiv 2206.00364"
+    name, order = "euler", 1
+    paper = "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models, arXiv 2206.00364"
 
     def step(self, i, x, state, denoise, noise):
         p, q = state["pts"][i], state["pts"][i + 1]
@@ -210,7 +211,8 @@ class EulerAncestral(Solver):
         if q.sigma == 0:
             return q.alpha * d.x0, state
         sp, sq = p.sigma_bar, q.sigma_bar
-        up = min(sq, self.eta * sq) if math.isinf(sp) else min(sq, self.eta * math.sqrt(sq**2 * (sp**2 - sq**2) / sp**2))
+        up = (min(sq, self.eta * sq) if math.isinf(sp)
+              else min(sq, self.eta * math.sqrt(sq**2 * (sp**2 - sq**2) / sp**2)))
         down = math.sqrt(sq**2 - up**2)
         return q.alpha * (d.x0 + down * e + up * self.s_noise * noise(x)), state
 
@@ -302,7 +304,8 @@ class DPMpp2M(Solver):
     supports_renoise = True
 
     name, order = "dpmpp_2m", 2
-    paper = "Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, arXiv 2211.01095"
+    paper = ("Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, "
+             "arXiv 2211.01095")
 
     def __init__(self, momentum: float = 1.0, lower_order_final: bool = True):
         if not 0 < momentum <= 1:
@@ -350,7 +353,8 @@ class DPMpp3M(Solver):
     """
 
     name, order = "dpmpp_3m", 3
-    paper = "Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, arXiv 2211.01095"
+    paper = ("Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, "
+             "arXiv 2211.01095")
 
     def __init__(self, variant: str = "taylor", lower_order_final: bool = True):
         if variant not in ("taylor", "published"):
@@ -516,7 +520,8 @@ class UniPC(Solver):
     """
 
     name, order = "unipc", 2
-    paper = "Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models, arXiv 2302.04867"
+    paper = ("Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models, "
+             "arXiv 2302.04867")
 
     def __init__(self, order: int = 2, variant: str = "bh2", corrector: bool = True):
         if order not in (1, 2, 3):
@@ -545,7 +550,8 @@ class UniPC(Solver):
                 h_phi_1, B, rhos = _unipc_coefs(rks, h, self.variant, corrector=True)
                 m0 = hist[-1][1]
                 corr = sum(rho * dk for rho, dk in zip(rhos[:-1], Ds))
-                x = (p.sigma / pp.sigma) * x_prev - p.alpha * h_phi_1 * m0 - p.alpha * B * (corr + rhos[-1] * (m_new - m0))
+                x = ((p.sigma / pp.sigma) * x_prev - p.alpha * h_phi_1 * m0
+                     - p.alpha * B * (corr + rhos[-1] * (m_new - m0)))
         hist = (*hist, (p.lam, m_new))[-self.p:]
         h = _h(p, q)
         usable = 1
@@ -605,7 +611,8 @@ class DEIS(Solver):
         us = [math.log(r) for r, _ in usable]
         out = x / p.alpha
         for j, (_, ej) in enumerate(usable):
-            out = out + (_int_poly_exp(_lagrange(us, j), q.sigma_bar) - _int_poly_exp(_lagrange(us, j), p.sigma_bar)) * ej
+            out = out + (_int_poly_exp(_lagrange(us, j), q.sigma_bar)
+                         - _int_poly_exp(_lagrange(us, j), p.sigma_bar)) * ej
         return q.alpha * out, state
 
 
@@ -692,7 +699,8 @@ class Restart(Solver):
 
 SOLVERS: dict[str, type[Solver]] = {
     cls.name: cls
-    for cls in (Euler, Heun, DDIM, DDPM, EulerAncestral, DPMpp2M, DPMpp3M, DPMpp2MSDE, DPMpp3MSDE, UniPC, DEIS, Restart, Midpoint)
+    for cls in (Euler, Heun, DDIM, DDPM, EulerAncestral, DPMpp2M, DPMpp3M, DPMpp2MSDE, DPMpp3MSDE, UniPC, DEIS, Restart,
+                Midpoint)
 }
 
 

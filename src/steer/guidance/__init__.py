@@ -5,15 +5,42 @@ Every method is reachable by a spec string (``"apg(scale=10, eta=0)"``, stacks w
 """
 
 from ..core import Branch, Ctx, Modifier
+from .cfg import (
+                  APG,
+                  CFG,
+                  CFGPP,
+                  FDG,
+                  MAMBO,
+                  TAG,
+                  TCFG,
+                  Adaptive,
+                  CFGZeroStar,
+                  Characteristic,
+                  DynamicThreshold,
+                  PerpNeg,
+                  Rescale,
+                  ZeroStar,
+                  adaptive,
+                  apg,
+                  cfg,
+                  cfg_rescale,
+                  cfg_zero_star,
+                  cfgpp,
+                  characteristic,
+                  dynamic_threshold,
+                  fdg,
+                  mambo,
+                  perp_neg,
+                  tag,
+                  tcfg,
+)
 from .core import REGISTRY, Guidance, OutputModifier, Stack, Term, interval, parse
-from .cfg import (APG, CFG, CFGPP, FDG, MAMBO, TAG, TCFG, Adaptive, CFGZeroStar, Characteristic, DynamicThreshold,
-                  PerpNeg, Rescale, ZeroStar, adaptive, apg, cfg, cfg_rescale, cfg_zero_star, cfgpp, characteristic,
-                  dynamic_threshold, fdg, mambo, perp_neg, tag, tcfg)
 from .perturbation import NAG, SAG, Autoguidance, Perturbed, autoguidance, nag, pag, sag, seg, slg, tpg
 from .schedules import SCHEDULES, get_schedule
 
-__all__ = ["REGISTRY", "Ctx", "Modifier", "Guidance", "OutputModifier", "Stack", "Term", "interval", "parse", "APG", "CFG",
-           "CFGPP", "FDG", "MAMBO", "TAG", "TCFG", "Adaptive", "CFGZeroStar", "Characteristic", "DynamicThreshold",
-           "PerpNeg", "Rescale", "ZeroStar", "adaptive", "apg", "cfg", "cfg_rescale", "cfg_zero_star", "cfgpp",
-           "characteristic", "dynamic_threshold", "fdg", "mambo", "perp_neg", "tag", "tcfg", "SCHEDULES",
-           "get_schedule", "Autoguidance", "Branch", "Perturbed", "autoguidance", "pag", "seg", "slg", "tpg", "NAG", "SAG", "nag", "sag"]
+__all__ = ["REGISTRY", "Ctx", "Modifier", "Guidance", "OutputModifier", "Stack", "Term", "interval", "parse", "APG",
+           "CFG", "CFGPP", "FDG", "MAMBO", "TAG", "TCFG", "Adaptive", "CFGZeroStar", "Characteristic",
+           "DynamicThreshold", "PerpNeg", "Rescale", "ZeroStar", "adaptive", "apg", "cfg", "cfg_rescale",
+           "cfg_zero_star", "cfgpp", "characteristic", "dynamic_threshold", "fdg", "mambo", "perp_neg", "tag", "tcfg",
+           "SCHEDULES", "get_schedule", "Autoguidance", "Branch", "Perturbed", "autoguidance", "pag", "seg", "slg",
+           "tpg", "NAG", "SAG", "nag", "sag"]

@@ -130,7 +130,8 @@ class APG(Modifier):
 
     def __init__(self, eta: float = 0.0, rescale: float = 15.0, momentum: float = -0.5, space: str = "x0"):
         if not -1 < momentum <= 0:
-            raise ValueError(f"apg momentum must be in (-1, 0] (negative, as in the paper; |β| >= 1 diverges), got {momentum}")
+            raise ValueError(f"apg momentum must be in (-1, 0] (negative, as in the paper; |β| >= 1 diverges), "
+                             f"got {momentum}")
         if rescale < 0:
             raise ValueError(f"apg rescale (the norm threshold r) must be >= 0, got {rescale}")
         check_choice(self.name, "space", space, SPACES)
@@ -153,7 +154,8 @@ class APG(Modifier):
 
 class ZeroStar(Modifier):
     """CFG-Zero*'s optimised scale (Fan et al. 2025, arXiv 2503.18886), in flow-velocity space:
-    ``s* = ⟨u_c, u_u⟩ / (‖u_u‖² + 1e−8)`` per sample (float32, as the authors' code), ``u = s* u_u + w (u_c − s* u_u)``."""
+    ``s* = ⟨u_c, u_u⟩ / (‖u_u‖² + 1e−8)`` per sample (float32, as the authors' code),
+    ``u = s* u_u + w (u_c − s* u_u)``."""
 
     name, space = "zero_star", "flow"
 
@@ -370,14 +372,16 @@ class FDG(CFG):
         if levels < 2 and scales is None:
             raise ValueError(f"fdg needs levels >= 2, got {levels}")
         check_choice(self.name, "space", space, SPACES)
-        self.scales = [float(s) for s in scales] if scales is not None else [float(scale_high)] * (levels - 1) + [float(scale_low)]
+        self.scales = ([float(s) for s in scales] if scales is not None
+                       else [float(scale_high)] * (levels - 1) + [float(scale_low)])
         self.levels = len(self.scales)
         super().__init__(max(self.scales, key=lambda s: abs(s - 1)), **kwargs)
         self.scale_low, self.scale_high = self.scales[-1], self.scales[0]
         self.parallel_weight, self.space = float(parallel_weight), space
 
     def active(self, ctx):
-        return super().active(ctx) or (self.sigma_lo < ctx.sigma_bar <= self.sigma_hi and any(s != 1 for s in self.scales))
+        return super().active(ctx) or (self.sigma_lo < ctx.sigma_bar <= self.sigma_hi
+                                       and any(s != 1 for s in self.scales))
 
     def guide(self, yc, yu, w, ctx):
         if yc.ndim != 4:
@@ -582,13 +586,16 @@ def cfg(scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 
     return CFG(scale, modifier, sigma_lo, sigma_hi, schedule, when, clamp)
 
 
-@register("cfg_rescale", family="cfg", paper="Lin et al. 2024, Common Diffusion Noise Schedules and Sample Steps are Flawed",
+@register("cfg_rescale", family="cfg",
+          paper="Lin et al. 2024, Common Diffusion Noise Schedules and Sample Steps are Flawed",
           arxiv="2305.08891", space="v (option)", extra_nfe="+1", defaults_source="w = 7.5, φ = 0.7: the paper §3.4")
 def cfg_rescale(scale: float = 7.5, phi: float = 0.7, space: str = "v", **kwargs) -> Stack:
     return Stack([CFG(scale, **kwargs), Rescale(phi, space)])
 
 
-@register("apg", family="cfg", paper="Sadat et al. 2025, Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion Models",
+@register("apg", family="cfg",
+          paper="Sadat et al. 2025, Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion "
+                "Models",
           arxiv="2410.02416", space="x0", extra_nfe="+1",
           defaults_source="η = 0: the paper's recommendation; r = 15, β = −0.5: paper Table 10 (SDXL); w = 10")
 def apg(scale: float = 10.0, eta: float = 0.0, rescale: float = 15.0, momentum: float = -0.5, space: str = "x0",
@@ -596,23 +603,27 @@ def apg(scale: float = 10.0, eta: float = 0.0, rescale: float = 15.0, momentum: 
     return CFG(scale, APG(eta, rescale, momentum, space), **kwargs)
 
 
-@register("cfgpp", family="cfg", paper="Chung et al. 2025, CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models",
+@register("cfgpp", family="cfg",
+          paper="Chung et al. 2025, CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models",
           arxiv="2406.08070", space="x0 + ε_u re-noise", extra_nfe="+1",
           defaults_source="λ = 0.6: the authors' SD1.5 DDIM example")
 def cfgpp(scale: float = 0.6, **kwargs) -> CFGPP:
     return CFGPP(scale, **kwargs)
 
 
-@register("cfg_zero_star", family="cfg", paper="Fan et al. 2025, CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching Models",
+@register("cfg_zero_star", family="cfg",
+          paper="Fan et al. 2025, CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching Models",
           arxiv="2503.18886", space="flow velocity", extra_nfe="+1 (0 on zero-init steps, which evaluate nothing)",
           defaults_source="w = 4: the authors' SD3 examples; 1 zero-init step: official zero_steps = 0")
 def cfg_zero_star(scale: float = 4.0, zero_init_steps: int = 1, **kwargs) -> CFGZeroStar:
     return CFGZeroStar(scale, zero_init_steps, **kwargs)
 
 
-@register("adaptive", family="cfg", paper="Castillo et al. 2025, Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models",
+@register("adaptive", family="cfg",
+          paper="Castillo et al. 2025, Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models",
           arxiv="2312.12487", space="x0 cosine test (ε optional)", extra_nfe="+1 until every sample latches, then 0",
-          defaults_source="threshold 0.991: reference notes §8 (secondary source); x0 test: ComfyUI Adaptive-Guidance; w = 7.5")
+          defaults_source="threshold 0.991: reference notes §8 (secondary source); x0 test: ComfyUI Adaptive-Guidance; "
+                          "w = 7.5")
 def adaptive(scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", **kwargs) -> Adaptive:
     return Adaptive(scale, threshold, test_space, **kwargs)
 
@@ -632,7 +643,8 @@ def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
     return TAG(eta, eta_r) if scale == 1.0 else Stack([CFG(scale, **kwargs), TAG(eta, eta_r)])
 
 
-@register("fdg", family="cfg", paper="Sadat et al. 2025, Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales",
+@register("fdg", family="cfg",
+          paper="Sadat et al. 2025, Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales",
           arxiv="2506.19713", space="x0 (Laplacian pyramid levels)", extra_nfe="+1",
           defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels")
 def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales: list[float] | None = None,
@@ -640,15 +652,20 @@ def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scale
     return FDG(scale_low, scale_high, levels, scales, parallel_weight, space, **kwargs)
 
 
-@register("characteristic", family="cfg", paper="Zheng & Lan 2024, Characteristic Guidance: Non-linear Correction for Diffusion Model at Large Guidance Scale",
+@register("characteristic", family="cfg",
+          paper="Zheng & Lan 2024, Characteristic Guidance: Non-linear Correction for Diffusion Model at Large "
+                "Guidance Scale",
           arxiv="2312.07586", space="ε", extra_nfe="+1, plus 2 per fixed-point iteration",
-          defaults_source="λ = 1, ℓ = 1, tol = 1e−4, 50 iterations: the reference WebUI (scraed/CharacteristicGuidanceWebUI)")
-def characteristic(scale: float = 7.5, reg: float | None = 1.0, step: float = 1.0, tol: float = 1e-4, max_iter: int = 50,
-                   **kwargs) -> Characteristic:
+          defaults_source="λ = 1, ℓ = 1, tol = 1e−4, 50 iterations: the reference WebUI "
+                          "(scraed/CharacteristicGuidanceWebUI)")
+def characteristic(scale: float = 7.5, reg: float | None = 1.0, step: float = 1.0, tol: float = 1e-4,
+                   max_iter: int = 50, **kwargs) -> Characteristic:
     return Characteristic(scale, reg, step, tol, max_iter, **kwargs)
 
 
-@register("dynamic_threshold", family="output", paper="Saharia et al. 2022, Photorealistic Text-to-Image Diffusion Models with Deep Language Understanding (Imagen)",
+@register("dynamic_threshold", family="output",
+          paper="Saharia et al. 2022, Photorealistic Text-to-Image Diffusion Models with Deep Language Understanding "
+                "(Imagen)",
           arxiv="2205.11487", space="x0 (pixel models)", extra_nfe="0",
           defaults_source="p = 0.995: diffusers; max_value = ∞: the paper (no cap)")
 def dynamic_threshold(percentile: float = 0.995, max_value: float = math.inf) -> DynamicThreshold:
@@ -656,12 +673,14 @@ def dynamic_threshold(percentile: float = 0.995, max_value: float = math.inf) ->
 
 
 @register("mambo", family="cfg", paper="MAMBO-G: Magnitude-Aware Mitigation for Boosted Guidance",
-          arxiv="2508.03442", space="flow velocity", extra_nfe="+1", defaults_source="w = 10, α = 8: the authors' quick start (and diffusers)")
+          arxiv="2508.03442", space="flow velocity", extra_nfe="+1",
+          defaults_source="w = 10, α = 8: the authors' quick start (and diffusers)")
 def mambo(scale: float = 10.0, alpha: float = 8.0, space: str = "flow", **kwargs) -> CFG:
     return CFG(scale, MAMBO(alpha, space), **kwargs)
 
 
-@register("perp_neg", family="cfg", paper="Armandpour et al. 2023, Re-imagine the Negative Prompt Algorithm: Transform 2D Diffusion into 3D",
+@register("perp_neg", family="cfg",
+          paper="Armandpour et al. 2023, Re-imagine the Negative Prompt Algorithm: Transform 2D Diffusion into 3D",
           arxiv="2304.04968", space="any (differences)", extra_nfe="+2 (three branches)",
           defaults_source="w = 7.5: the authors' pipeline; β = 1: ComfyUI PerpNegGuider")
 def perp_neg(scale: float = 7.5, neg_scale: float = 1.0, space: str = "x0", **kwargs) -> PerpNeg:

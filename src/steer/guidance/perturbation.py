@@ -85,7 +85,8 @@ class Autoguidance(Term):
         return {**super().options(), "guide": self.guide_name or self.guide_model}
 
 
-@register("pag", family="perturbation", paper="Ahn et al. 2024, Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance",
+@register("pag", family="perturbation",
+          paper="Ahn et al. 2024, Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance",
           arxiv="2403.17377", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4): the paper and diffusers' PAG pipelines; layers: the middle block")
 def pag(scale: float = 4.0, layers: str | list[str] | None = None, **kwargs) -> Perturbed:
@@ -93,7 +94,9 @@ def pag(scale: float = 4.0, layers: str | list[str] | None = None, **kwargs) -> 
     return Perturbed("pag", hooks.IdentityAttention(layers), scale, **kwargs)
 
 
-@register("seg", family="perturbation", paper="Hong 2024, Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy Curvature of Attention",
+@register("seg", family="perturbation",
+          paper="Hong 2024, Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy Curvature of "
+                "Attention",
           arxiv="2408.00760", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4), σ = ∞: the official SEG pipeline; layers: the middle block")
 def seg(scale: float = 4.0, blur_sigma: float = math.inf, layers: str | list[str] | None = None,
@@ -118,7 +121,8 @@ def slg(scale: float = 3.5, layers: str | list[str] | None = None, **kwargs) -> 
     return Perturbed("slg", hooks.SkipLayer(layers), scale, **kwargs)
 
 
-@register("autoguidance", family="perturbation", paper="Karras et al. 2024, Guiding a Diffusion Model with a Bad Version of Itself",
+@register("autoguidance", family="perturbation",
+          paper="Karras et al. 2024, Guiding a Diffusion Model with a Bad Version of Itself",
           arxiv="2406.02507", space="any (affine)", extra_nfe="+1 (of the guide model)",
           defaults_source="w = 2.1: paper Table 1 (EDM2-S, XS guide, FID)")
 def autoguidance(scale: float = 2.1, guide=None, **kwargs) -> Autoguidance:
@@ -137,8 +141,8 @@ class NAG(Term):
 
     name, neg, space = "nag", "nag", "x0"
 
-    def __init__(self, scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers=None, use_negative: bool = False,
-                 **kwargs):
+    def __init__(self, scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers=None,
+                 use_negative: bool = False, **kwargs):
         super().__init__(scale, **kwargs)
         self.perturbation = hooks.NormalizedAttention(layers or "*.attn", scale, tau, alpha)
         self.ref = "negative" if use_negative else "uncond"
@@ -229,7 +233,8 @@ def _gaussian_blur(x, sigma: float, size: int = 9):
     return F.conv2d(y, k.reshape(1, 1, -1, 1).expand(c, 1, size, 1), groups=c)
 
 
-@register("nag", family="perturbation", paper="Chen et al. 2025, Normalized Attention Guidance: Universal Negative Guidance for Diffusion Models",
+@register("nag", family="perturbation",
+          paper="Chen et al. 2025, Normalized Attention Guidance: Universal Negative Guidance for Diffusion Models",
           arxiv="2505.21179", space="attention outputs", extra_nfe="+1 (the negative branch)", needs_hooks=True,
           defaults_source="φ = 5, τ = 1.5, α = 0.5: ComfyUI NAGuidance; all attention layers")
 def nag(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers: str | list[str] | None = None,
@@ -237,7 +242,8 @@ def nag(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers: str | 
     return NAG(scale, tau, alpha, layers, use_negative, **kwargs)
 
 
-@register("sag", family="perturbation", paper="Hong et al. 2023, Improving Sample Quality of Diffusion Models Using Self-Attention Guidance",
+@register("sag", family="perturbation",
+          paper="Hong et al. 2023, Improving Sample Quality of Diffusion Models Using Self-Attention Guidance",
           arxiv="2210.00939", space="x0", extra_nfe="+1 (sequential)", needs_hooks=True,
           defaults_source="s = 0.75 (w = 1.75), blur σ = 1: the diffusers SAG pipeline; layer: the middle block")
 def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers: str | list[str] | None = None, source: str = "uncond",

@@ -53,7 +53,8 @@ class FunctionDenoiser:
         return self.fn(x, t, cond)
 
     def __repr__(self) -> str:
-        return f"denoiser({getattr(self.fn, '__name__', 'fn')}, path={self.path.name!r}, prediction={self.prediction!r})"
+        return (f"denoiser({getattr(self.fn, '__name__', 'fn')}, path={self.path.name!r}, "
+                f"prediction={self.prediction!r})")
 
 
 def denoiser(fn: Callable, path: "str | Path", prediction: str, sample_shape=None) -> FunctionDenoiser:

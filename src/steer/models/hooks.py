@@ -216,7 +216,8 @@ class BlockSite(_Site):
             return fn(x)
         out = fn(x).clone()
         for start, stop, p, *_ in self.hooks:
-            sub = tuple(a[start:stop] if isinstance(a, torch.Tensor) and a.shape[:1] == x.shape[:1] else a for a in args)
+            sub = tuple(a[start:stop] if isinstance(a, torch.Tensor) and a.shape[:1] == x.shape[:1] else a
+                        for a in args)
             out[start:stop] = p.block(lambda h: self.inner(h, *sub), x[start:stop])
         return out
 
@@ -241,7 +242,8 @@ def select_sites(model, perturbation: Perturbation) -> dict[str, _Site]:
 
 
 @contextlib.contextmanager
-def perturb(model, rows: dict[tuple[int, int], Perturbation], refs: dict[tuple[int, int], tuple[int, int]] | None = None):
+def perturb(model, rows: dict[tuple[int, int], Perturbation],
+            refs: dict[tuple[int, int], tuple[int, int]] | None = None):
     """Apply each perturbation to its batch rows ``[start, stop)`` during the ``with`` block; ``refs`` gives the
     reference rows of perturbations that need them (NAG's negative branch)."""
     touched = []

@@ -34,9 +34,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..models import register_model
 from ..paths import Path, get_path
 from ..prediction import check_kind, convert
-from ..models import register_model
 from .digits_net import NULL_LABEL, DigitClassifier, DigitsNet
 
 __all__ = [
@@ -490,7 +490,7 @@ def train_all(weights_dir: "str | os.PathLike | None" = None, seed: int = 0, nam
     for name in TRAIN_ORDER:
         if name not in names:
             continue
-        cb = None if callback is None else (lambda k, n, l, _name=name: callback(_name, k, n, l))
+        cb = None if callback is None else (lambda k, n, loss, _name=name: callback(_name, k, n, loss))
         module, info = train_model(name, recipes[name], seed=seed, callback=cb)
         out[name] = save(name, module, info, weights_dir)
     return out

@@ -38,7 +38,8 @@ class Block(BlockSite):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * dim, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
@@ -56,7 +57,8 @@ class DigitsNet(nn.Module):
     def __init__(self, dim: int = 96, depth: int = 6, heads: int = 4, patch: int = 2, size: int = 8, channels: int = 1,
                  n_labels: int = 11):
         super().__init__()
-        self.config = dict(dim=dim, depth=depth, heads=heads, patch=patch, size=size, channels=channels, n_labels=n_labels)
+        self.config = dict(dim=dim, depth=depth, heads=heads, patch=patch, size=size, channels=channels,
+                           n_labels=n_labels)
         self.patch, self.size, self.channels = patch, size, channels
         self.grid = (size // patch, size // patch)
         n_tokens = self.grid[0] * self.grid[1]
@@ -89,7 +91,8 @@ class DigitsNet(nn.Module):
             h = block(h, c, self.grid)
         shift, scale = self.ada_out(c).chunk(2, dim=1)
         h = self.out(_modulate(self.norm_out(h), shift, scale))
-        return h.reshape(b, gh, gw, self.channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, self.channels, self.size, self.size)
+        h = h.reshape(b, gh, gw, self.channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        return h.reshape(b, self.channels, self.size, self.size)
 
 
 class DigitClassifier(nn.Module):

@@ -43,7 +43,8 @@ class GaussianMixture:
             d = (stds**2)[:, None].expand(K, D).clone()
             U = torch.eye(D, dtype=torch.float64).expand(K, D, D).clone()
         self.eigvals, self.eigvecs = d, U  # Σ_k = U diag(d) Uᵀ
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None
+             else torch.as_tensor(weights, dtype=torch.float64))
         if w.shape != (K,) or (w <= 0).any():
             raise ValueError("weights must be K positive numbers")
         self.log_weights = torch.log(w / w.sum())
