@@ -42,8 +42,6 @@ def rel(a, b) -> float:
 
 def matrix(device) -> tuple[list[str], dict]:
     model = ToyLatentModel((4, 64, 64)).to(device)
-    guide = ToyLatentModel((4, 64, 64), seed=1).to(device)
-    steer.models.register_model("toy-guide", lambda: guide)
     noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     failures, worst = [], {d: 0.0 for d in TOL}
     t0 = time.time()
@@ -175,6 +173,8 @@ def main():
     device = torch.device(args.device)
     head = [f"## GPU checks, {datetime.now():%Y-%m-%d}, {_name(device)}, torch {torch.__version__}",
             ""]
+    guide = ToyLatentModel((4, 64, 64), seed=1).to(device)
+    steer.models.register_model("toy-guide", lambda: guide)
     raw, body = {}, []
     for name, fn in (("devices", devices), ("syncs", syncs), ("matrix", matrix)):
         lines, raw[name] = fn(device)

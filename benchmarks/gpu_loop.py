@@ -142,6 +142,7 @@ def make_variants(unet, noise, cond, uncond, args, seen: dict) -> dict:
     variants = {"diffusers": lambda: diffusers_sample(unet, scheduler, noise, cond, uncond, args.steps, args.scale)}
     for label, spec in METHODS.items():
         variants[f"steer {label}"] = steer_call(spec.format(w=args.scale))
+    variants["diffusers (again)"] = variants["diffusers"]  # a control for the position in each round
     return variants
 
 
@@ -189,6 +190,19 @@ def count_syncs(fn, device: torch.device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def kernel_profile(fn, top: int = 8) -> dict:
+    """GPU time of one call by kernel (torch.profiler): the total, the kernel count and the largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    rows = sorted(((e.key, e.count, e.self_device_time_total) for e in events), key=lambda r: -r[2])
+    return {"total_ms": sum(r[2] for r in rows) / 1e3, "kernels": sum(r[1] for r in rows),
+            "top": [(k[:60], c, round(t / 1e3, 2)) for k, c, t in rows[:top]]}
+
+
 def interleaved_times(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
     """Wall times (s) of whole calls, every function once per round so that all see the same machine state."""
     times = {name: [] for name in fns}
@@ -220,7 +234,7 @@ def bench_batch(unet, config: dict, batch: int, args, device: torch.device, dtyp
     for name, fn in variants.items():
         res = first_call(name, fn, device)
         outputs[name] = res.pop("x", None)
-        rows[name] = {"nfe": 2 * args.steps if name == "diffusers" else None, **res}
+        rows[name] = {"nfe": 2 * args.steps if name.startswith("diffusers") else None, **res}
         print(f"  {name}: {res.get('error', 'ok')}", flush=True)
     agreement = None
     if outputs["diffusers"] is not None and outputs["steer cfg"] is not None:
@@ -243,6 +257,9 @@ def bench_batch(unet, config: dict, batch: int, args, device: torch.device, dtyp
     print(f"batch {batch}: {args.repeats} timed rounds", flush=True)
     for name, times in interleaved_times(live, args.repeats, sync).items():
         rows[name].update(times_s=times, median_s=statistics.median(times))
+    if cuda and args.profile:
+        for name in ("diffusers", "steer cfg"):
+            rows[name]["kernels"] = kernel_profile(live[name])
     return {"batch": batch, "autograd_in_steer_model": seen["autograd"],
             "steer_cfg_vs_diffusers_max_rel_diff": agreement, "variants": rows}
 
@@ -281,7 +298,7 @@ def table(result: dict, steps: int) -> list[str]:
         cells = [
             name, str(row["nfe"]), f"{1e3 * t:.1f}", f"{1e3 * t / steps:.2f}",
             _cell(vs_diffusers, ".3f", GOALS["steer_cfg/diffusers"] if name == "steer cfg" else None),
-            "—" if name in ("diffusers", "steer cfg") else _cell(vs_cfg, ".3f", GOALS["method/steer_cfg"]),
+            "—" if name.startswith("diffusers") or name == "steer cfg" else _cell(vs_cfg, ".3f", GOALS["method/steer_cfg"]),
             _cell(None if peak is None else peak / 2**30, ".2f"),
             _cell(None if peak is None else (peak - start) / 2**20, ".0f"),
             "—" if name == "diffusers" else _cell(_ratio(peak, base.get("peak_bytes")), ".3f",
@@ -289,6 +306,11 @@ def table(result: dict, steps: int) -> list[str]:
             _cell(None if row.get("syncs") is None else row["syncs"] / steps, ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    for name, row in rows.items():
+        if "kernels" in row:
+            k = row["kernels"]
+            lines.append(f"\n{name}: GPU kernel time {k['total_ms']:.1f} ms in {k['kernels']} kernels; largest: "
+                         + "; ".join(f"{n} ×{c} {t} ms" for n, c, t in k["top"]))
     return lines + [""]
 
 
@@ -305,6 +327,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet (32/64 channels, 16×16), to check the script")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "gpu_loop.md")
+    ap.add_argument("--profile", action="store_true", help="also record GPU time by kernel of diffusers and steer CFG")
     args = ap.parse_args()
     import diffusers
 

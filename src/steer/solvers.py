@@ -324,12 +324,16 @@ class DPMpp2M(Solver):
         m0, h, prev = d.x0, _h(p, q), state["prev"]
         val = m0
         if prev is not None and math.isfinite(h) and math.isfinite(prev[0]) and _order_cap(self, state, i) >= 2:
-            val = m0 + 0.5 * (m0 - prev[1]) * h / (p.lam - prev[0])
+            c = 0.5 * h / (p.lam - prev[0])
+            val = torch.add(m0 * (1 + c), prev[1], alpha=-c)  # m0 + D1/2
         velocity = state["velocity"]
         if self.momentum < 1:
             velocity = val if velocity is None else (1 - self.momentum) * velocity + self.momentum * val
             val = velocity
-        x = q.alpha * m0 + q.sigma * _eps(x, d, p) - q.alpha * math.expm1(-h) * (val - m0)
+        if d.eps is None:  # (σ_t/σ_s) x_s + α_t (1 − e^{−h}) val: the m0 terms of the form below cancel
+            x = torch.add(x * (q.sigma / p.sigma), val, alpha=-q.alpha * math.expm1(-h))
+        else:
+            x = q.alpha * m0 + q.sigma * _eps(x, d, p) - q.alpha * math.expm1(-h) * (val - m0)
         prev = (p.lam, d.x0_hist if d.x0_hist is not None else m0)
         return x, {**state, "prev": prev, "velocity": velocity}
 
