@@ -206,8 +206,10 @@ def kernel_profile(fn, top: int = 8) -> dict:
 def interleaved_times(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
     """Wall times (s) of whole calls, every function once per round so that all see the same machine state."""
     times = {name: [] for name in fns}
+    order = list(fns)
     for r in range(repeats):
-        for name, fn in fns.items():
+        for name in order[r % len(order):] + order[:r % len(order)]:  # rotated: no variant always goes first
+            fn = fns[name]
             sync()
             t0 = time.perf_counter()
             fn()
@@ -298,7 +300,8 @@ def table(result: dict, steps: int) -> list[str]:
         cells = [
             name, str(row["nfe"]), f"{1e3 * t:.1f}", f"{1e3 * t / steps:.2f}",
             _cell(vs_diffusers, ".3f", GOALS["steer_cfg/diffusers"] if name == "steer cfg" else None),
-            "—" if name.startswith("diffusers") or name == "steer cfg" else _cell(vs_cfg, ".3f", GOALS["method/steer_cfg"]),
+            ("—" if name.startswith("diffusers") or name == "steer cfg"
+             else _cell(vs_cfg, ".3f", GOALS["method/steer_cfg"])),
             _cell(None if peak is None else peak / 2**30, ".2f"),
             _cell(None if peak is None else (peak - start) / 2**20, ".0f"),
             "—" if name == "diffusers" else _cell(_ratio(peak, base.get("peak_bytes")), ".3f",

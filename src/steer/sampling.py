@@ -177,12 +177,13 @@ class Sampler:
                     x, self.solver_state = self.solver.step(i, self._x, self.solver_state, ev.denoise, self._noise)
                     records, ev.records = ev.records, []
                     records.append(("solver", x))
-                    done = (_total(x), records, i)
-                # check the previous step now that this one is queued (the last step at once): one sync per step
-                if pending is not None and not math.isfinite(float(pending[0])):
+                    done = (_Total(x), records, i)
+                # check the previous step now that this one is queued (the last step at once): one sync per step,
+                # which on CUDA waits for the previous step only, so the device never runs dry
+                if pending is not None and not pending[0].finite():
                     _raise_first_nonfinite(*pending)
                 pending = done
-                if i == n - 1 and not math.isfinite(float(done[0])):
+                if i == n - 1 and not done[0].finite():
                     _raise_first_nonfinite(*done)
                 self._x, self.i = x, i + 1
                 if bar is not None:
@@ -347,13 +348,32 @@ class _Evaluator:
         return d
 
 
-def _total(x: torch.Tensor) -> torch.Tensor:
-    """The sum of x, accumulated in float32 or better (no half-precision overflow): finite iff x is (up to a float32
-    overflow of a finite sum, which the exact check in ``_raise_first_nonfinite`` clears). Read one step later."""
-    return x.sum() if x.dtype in (torch.float32, torch.float64) else x.sum(dtype=torch.float32)
+class _Total:
+    """The sum of a step's state, accumulated in float32 or better (no half-precision overflow): finite iff the state
+    is (up to a float32 overflow of a finite sum, which the exact check in ``_raise_first_nonfinite`` clears).
+
+    On CUDA it is copied to pinned host memory behind an event, so reading it a step later waits for that step
+    only; ``float(tensor)`` would synchronise the whole stream, the step queued since included, and leave the device
+    idle while the host prepares the next one."""
+
+    def __init__(self, x: torch.Tensor):
+        total = x.sum() if x.dtype in (torch.float32, torch.float64) else x.sum(dtype=torch.float32)
+        self.event = None
+        if total.is_cuda:
+            self.total = torch.empty((), dtype=total.dtype, pin_memory=True)
+            self.total.copy_(total, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.total = total
+
+    def finite(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return math.isfinite(float(self.total))
 
 
-def _raise_first_nonfinite(total: torch.Tensor, records: list, step: int) -> None:
+def _raise_first_nonfinite(total: _Total, records: list, step: int) -> None:
     """The sum of a step's state was not finite: blame the first of its records (in order) that is not."""
     for who, tensor in records:
         if not bool(torch.isfinite(tensor).all()):

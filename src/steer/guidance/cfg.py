@@ -296,9 +296,16 @@ class Adaptive(CFG):
         check_choice(self.name, "test_space", test_space, SPACES)
         self.threshold, self.test_space = float(threshold), test_space
 
-    def active(self, ctx):  # the latch ([B] bools) is state; skipping the pass needs its value on the host
-        latched = ctx.state.get(self)
-        return super().active(ctx) and not (latched is not None and bool(latched.all()))
+    def active(self, ctx):
+        if not super().active(ctx):
+            return False
+        latched = ctx.state.get(self)  # [B] bools, batch-first state
+        if latched is None:
+            return True
+        done = ctx.state.get((self, "all latched"))  # (step, bool): skipping the pass needs the latch on the host,
+        if done is None or done[0] != ctx.step:  # read once per step
+            done = ctx.state[(self, "all latched")] = (ctx.step, bool(latched.all()))
+        return not done[1]
 
     def combine(self, preds, ctx):
         if not self.active(ctx):

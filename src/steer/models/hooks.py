@@ -114,7 +114,7 @@ class TokenShuffle(Perturbation):
         self.gen.manual_seed(self.seed)
 
     def block(self, fn, x):
-        perm = torch.randperm(x.shape[1], generator=self.gen).to(x.device)
+        perm = torch.randperm(x.shape[1], generator=self.gen).to(x.device, non_blocking=True)  # no sync
         return fn(x[:, perm])
 
 
