@@ -24,6 +24,8 @@ from .solvers import Solver, get_solver
 
 __all__ = ["sample", "sampler", "Sampler", "Step", "SampleResult", "NonFiniteError"]
 
+CHECK_EVERY = 8  # steps between finite checks off CUDA
+
 
 @dataclass(slots=True)
 class Step:
@@ -168,23 +170,27 @@ class Sampler:
     def __iter__(self):
         n = len(self.timesteps) - 1
         bar = _progress(n) if self.progress else None
-        pending, no_grad = None, torch.no_grad()
+        # Finite checks: on CUDA every step, read a step later (one wait per step, on the previous step only, so the
+        # device never runs dry); elsewhere every CHECK_EVERY steps (the sum costs as much as a cheap model's step).
+        # The records of unchecked steps are kept, so the error names the first source all the same.
+        unchecked, queued, no_grad = [], [], torch.no_grad()
         try:
             while self.i < n:
                 i, ev = self.i, self.ev
                 ev.step, ev.first_x0 = i, None
                 with no_grad:
                     x, self.solver_state = self.solver.step(i, self._x, self.solver_state, ev.denoise, self._noise)
-                    records, ev.records = ev.records, []
-                    records.append(("solver", x))
-                    done = (_Total(x), records, i)
-                # check the previous step now that this one is queued (the last step at once): one sync per step,
-                # which on CUDA waits for the previous step only, so the device never runs dry
-                if pending is not None and not pending[0].finite():
-                    _raise_first_nonfinite(*pending)
-                pending = done
-                if i == n - 1 and not done[0].finite():
-                    _raise_first_nonfinite(*done)
+                    ev.records.append(("solver", x))
+                    unchecked.append((i, ev.records))
+                    ev.records = []
+                    last = i == n - 1
+                    if last or x.is_cuda or len(unchecked) == CHECK_EVERY:
+                        queued.append((_total(x), unchecked))
+                        unchecked = []
+                while queued and (last or len(queued) > x.is_cuda):
+                    total, steps = queued.pop(0)
+                    if not _finite(total):
+                        _raise_first_nonfinite(steps)
                 self._x, self.i = x, i + 1
                 if bar is not None:
                     bar[0].update(bar[1], advance=1)
@@ -268,7 +274,7 @@ class _Evaluator:
         cache = self.tvec.get(key)
         if cache is None:
             ts = list(self.pts)
-            rows = torch.tensor(ts, dtype=dtype).to(x.device, non_blocking=True)[:, None].expand(-1, x.shape[0])
+            rows = torch.tensor(ts, dtype=dtype)[:, None].repeat(1, x.shape[0]).to(x.device, non_blocking=True)
             cache = self.tvec[key] = dict(zip(ts, rows.unbind(0)))
         if t not in cache:
             cache[t] = torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
@@ -287,7 +293,7 @@ class _Evaluator:
                             "model(..., return_dict=False)[0])")
         if out.shape != xb.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
-        self.record(("model", self.step, p.sigma_bar, names), out)
+        self.records.append((("model", self.step, p.sigma_bar, names), out))
         return out
 
     def evaluate(self, xs: dict[str, torch.Tensor], p: TimePoint) -> dict[str, torch.Tensor]:
@@ -326,7 +332,7 @@ class _Evaluator:
 
     def denoise(self, x: torch.Tensor, t: float) -> Denoised:
         """What a solver calls: the (guided) x0 at ``(x, t)``."""
-        p = self.point(t)
+        p = self.pts.get(t) or self.point(t)
         if self.guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
             out = self._forward(self.model, x, p, self.conds["cond"], ("cond",))
             self.nfe += 1
@@ -348,36 +354,36 @@ class _Evaluator:
         return d
 
 
-class _Total:
+def _total(x: torch.Tensor):
     """The sum of a step's state, accumulated in float32 or better (no half-precision overflow): finite iff the state
     is (up to a float32 overflow of a finite sum, which the exact check in ``_raise_first_nonfinite`` clears).
 
     On CUDA it is copied to pinned host memory behind an event, so reading it a step later waits for that step
     only; ``float(tensor)`` would synchronise the whole stream, the step queued since included, and leave the device
     idle while the host prepares the next one."""
-
-    def __init__(self, x: torch.Tensor):
-        total = x.sum() if x.dtype in (torch.float32, torch.float64) else x.sum(dtype=torch.float32)
-        self.event = None
-        if total.is_cuda:
-            self.total = torch.empty((), dtype=total.dtype, pin_memory=True)
-            self.total.copy_(total, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.total = total
-
-    def finite(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()
-        return math.isfinite(float(self.total))
+    total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    if not total.is_cuda:
+        return total
+    host = torch.empty((), dtype=total.dtype, pin_memory=True)
+    host.copy_(total, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
-def _raise_first_nonfinite(total: _Total, records: list, step: int) -> None:
-    """The sum of a step's state was not finite: blame the first of its records (in order) that is not."""
-    for who, tensor in records:
-        if not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(_blame(who, step))
+def _finite(total) -> bool:
+    if isinstance(total, tuple):
+        total[1].synchronize()
+        total = total[0]
+    return math.isfinite(total)
+
+
+def _raise_first_nonfinite(steps: list) -> None:
+    """A state's sum was not finite: blame the first record (in order of the steps) that is not."""
+    for step, records in steps:
+        for who, tensor in records:
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(_blame(who, step))
 
 
 def _blame(who, step: int) -> str:
