@@ -79,3 +79,24 @@ def test_mambo_in_float16_is_mambo_not_cfg():
     cfg = steer.sample(model, noise=noise, guidance="cfg(scale=10)", **kw)
     assert float((half - ref).norm() / ref.norm()) < 2e-2
     assert float((cfg - ref).norm() / ref.norm()) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_both_reduction_paths_agree_with_float64(dtype):
+    """The per-sample reductions have a fused path (accelerators: fewer kernel launches) and a BLAS path (CPU);
+    both equal float64 sums of the same values, also where float16 sums would overflow."""
+    import importlib
+
+    cfg = importlib.import_module("steer.guidance.cfg")
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(3, 16, 64, 64, generator=gen) * 4 + 1).to(dtype)  # sums of squares ~1e6 > 65504
+    b = (0.5 * a.double() + torch.randn(3, 16, 64, 64, generator=gen, dtype=torch.float64)).to(dtype)
+    a64, b64 = a.double().flatten(1), b.double().flatten(1)
+    expect = [(a64 * a64).sum(1), (a64 * b64).sum(1), (b64 * b64).sum(1)]
+    for fused in (True, False):
+        got = cfg._gram(a, b, fused=fused)
+        for g, e in zip(got, expect):
+            assert g.shape == (3, 1, 1, 1) and g.dtype in (torch.float32, torch.float64)
+            assert torch.allclose(g.double().flatten(), e, rtol=1e-5)
+        var = cfg._var(a, fused=fused)
+        assert torch.allclose(var.double().flatten(), a64.var(1), rtol=1e-5)

@@ -330,3 +330,10 @@ def test_named_guide_models_come_from_the_registry():
     assert "flow-weak" in steer.models.MODELS
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         g.autoguidance(2.0, guide="nope")
+
+
+@pytest.mark.parametrize("spec", ["restart(intervals=5)", "restart(intervals=[(3, 2, 0.3, 0.06)])",
+                                  "restart(intervals=[(3, 2, 'a', 1)])"])
+def test_bad_restart_intervals_are_explained(spec):
+    with pytest.raises(ValueError, match=r"restart intervals must be a list of \(n >= 2, K >= 0"):
+        steer.get_solver(spec)

@@ -55,19 +55,33 @@ def _project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return par, v - par
 
 
-def _gram(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample ``(⟨a, a⟩, ⟨a, b⟩, ⟨b, b⟩)`` (shape [B, 1, ...] each) from one batched matrix product: float64
-    for float32/64 inputs, float32 for half-precision ones (whose products are exact in float32, TF32 included).
-    One product instead of three multiply-and-sum passes: fewer kernel launches where the host is the bottleneck."""
+# The per-sample reductions below take the shortest path on each kind of device: on an accelerator, where a
+# half-precision model's step is bound by kernel launches at small batch, the fewest operations (one batched
+# product, one fused variance); on the CPU, where those are memory-bound, BLAS dot products.
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor, fused: bool | None = None) -> tuple[torch.Tensor, ...]:
+    """Per-sample ``(⟨a, a⟩, ⟨a, b⟩, ⟨b, b⟩)``, shape [B, 1, ...] each, accumulated in float32 or better (float64
+    for float32 inputs when fused; half-precision products are exact in float32, TF32 included). ``fused``
+    (default: off the CPU) takes one batched product."""
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    if not (a.device.type != "cpu" if fused is None else fused):
+        a, b = _wide(a).flatten(1), _wide(b).flatten(1)
+        return tuple(torch.linalg.vecdot(x, y).reshape(shape) for x, y in ((a, a), (a, b), (b, b)))
     acc = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else torch.float64
     m = torch.stack([a.flatten(1), b.flatten(1)], 1).to(acc)
-    aa, ab, _, bb = torch.bmm(m, m.transpose(1, 2)).reshape(-1, 4, *([1] * (a.ndim - 1))).unbind(1)
+    aa, ab, _, bb = torch.bmm(m, m.transpose(1, 2)).reshape(-1, 4, *shape[1:]).unbind(1)
     return aa, ab, bb
 
 
-def _var(a: torch.Tensor) -> torch.Tensor:
-    """Per-sample unbiased variance (as torch.var; one pass, float32 accumulation for half inputs), [B, 1, ...]."""
-    return torch.var_mean(_wide(a), dim=_dims(a), keepdim=True)[0]
+def _var(a: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """Per-sample unbiased variance (as torch.var) in float32 or better, shape [B, 1, ...]; ``fused`` (default: off
+    the CPU) takes one ``var_mean``."""
+    if a.device.type != "cpu" if fused is None else fused:
+        return torch.var_mean(_wide(a), dim=_dims(a), keepdim=True)[0]
+    flat = _wide(a).flatten(1)
+    centred = flat - flat.mean(1, keepdim=True)  # two passes
+    return (torch.linalg.vecdot(centred, centred) / (flat.shape[1] - 1)).reshape((-1,) + (1,) * (a.ndim - 1))
 
 
 def _quantile(flat: torch.Tensor, p: float) -> torch.Tensor:
