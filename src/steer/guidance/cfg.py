@@ -163,15 +163,17 @@ class APG(Modifier):
         delta = yc - yu
         if self.momentum != 0:
             m = ctx.state.get(self)
-            delta = delta if m is None else delta + self.momentum * m
+            delta = delta if m is None else torch.add(delta, m, alpha=self.momentum)
             ctx.state[self] = delta
         dd, dy, yy = _gram(delta, yc)
         coef = dy / yy.clamp_min(1e-300)  # Δ_∥ = coef · y_c
-        # y_c + (w − 1)·cap·(Δ_⊥ + η Δ_∥) with Δ_⊥ = Δ − coef·y_c, as one combination of y_c and Δ
+        # y_c + k (Δ_⊥ + η Δ_∥) with Δ_⊥ = Δ − coef·y_c and k = (w − 1) min(1, r/‖Δ‖), as one combination of y_c and Δ
         if self.rescale > 0:
-            k = (self.rescale / dd.sqrt().clamp_min(1e-12)).clamp_max(1.0) * (w - 1)
-            return torch.addcmul(delta * k.to(delta.dtype), yc, (1 - (1 - self.eta) * k * coef).to(yc.dtype))
-        return torch.addcmul(delta * (w - 1), yc, (1 - (1 - self.eta) * (w - 1) * coef).to(yc.dtype))
+            k = dd.clamp_min(1e-24).rsqrt() * (self.rescale * (w - 1))
+            k = k.clamp_max(w - 1) if w >= 1 else k.clamp_min(w - 1)
+            cy = torch.rsub(k * coef, 1, alpha=1 - self.eta)  # 1 − (1 − η) k coef
+            return torch.addcmul(delta * k.to(delta.dtype), yc, cy.to(yc.dtype))
+        return torch.addcmul(delta * (w - 1), yc, torch.rsub(coef, 1, alpha=(1 - self.eta) * (w - 1)).to(yc.dtype))
 
 
 class ZeroStar(Modifier):
