@@ -200,7 +200,7 @@ def test_term_options_at_their_defaults_are_not_passed_on():
     assert repr(parse("tag(eta=1.2, when=None, sigma_lo=0.0)")) == "tag(eta=1.2)"
 
 
-@pytest.mark.parametrize("spec,message", [
+WRONG_TYPE = [
     ("cfg(scale='a')", "cfg: scale must be a number, got 'a' (str)"),
     ("cfg(3, 4)", "cfg takes at most 1 positional argument (scale) in a spec, got 2"),
     ("fdg(3, 8)", "fdg takes at most 1 positional argument (scale_low) in a spec, got 2"),
@@ -216,11 +216,7 @@ def test_term_options_at_their_defaults_are_not_passed_on():
     ("cfg(schedule=3)", "cfg: schedule must be a string, a function or None, got 3 (int)"),
     ("adaptive(test_space=3)", "adaptive: test_space must be a string, got 3 (int)"),
     ("nope(scale=1)", "unknown guidance method 'nope'; allowed: adaptive, apg"),
-])
-def test_options_of_the_wrong_type_name_the_method_and_the_option(spec, message):
-    with pytest.raises(ValueError) as e:
-        parse(spec)
-    assert message in str(e.value)
+]
 
 
 def test_options_of_the_wrong_type_from_python():
@@ -232,7 +228,7 @@ def test_options_of_the_wrong_type_from_python():
         g.Perturbed("pag", hooks.IdentityAttention(None), 3.0, sigma_hi="high")
 
 
-@pytest.mark.parametrize("spec,message", [
+DO_NOT_FIT = [
     ("cfg(modifier='apg')", "cfg: modifier must be a modifier object such as steer.guidance.APG(...), got 'apg'; "
                             "in a spec string use apg(scale=..., ...) instead"),
     ("apg(space='pixels')", "apg: space must be one of 'raw', 'eps', 'x0', 'v', 'flow', 'score', got 'pixels'"),
@@ -250,8 +246,11 @@ def test_options_of_the_wrong_type_from_python():
     ("cfg(clamp=3)", "cfg: clamp is the floor of schedule='clamp_linear'"),
     ("fdg(scales=[8, 4], levels=3)", "fdg: give either scales=[high, ..., low] or scale_low, scale_high and levels"),
     ("tag(sigma_lo=1)", "tag: sigma_lo would apply to its CFG term, which it has only with scale != 1"),
-])
-def test_options_that_do_not_fit_name_the_method_and_the_option(spec, message):
+]
+
+
+@pytest.mark.parametrize("spec,message", WRONG_TYPE + DO_NOT_FIT)
+def test_bad_options_name_the_method_and_the_option(spec, message):
     with pytest.raises(ValueError) as e:
         parse(spec)
     assert message in str(e.value)
