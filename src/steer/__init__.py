@@ -6,7 +6,7 @@ from .models import Denoiser, denoiser
 from .paths import get_path
 from .sampling import Sampler, SampleResult, Step, sample, sampler
 from .solvers import SOLVERS, get_solver
-from .testbeds import digits as _digits  # noqa: F401  (registers the digits models by name)
+from .testbeds import digits, gmm  # noqa: F401  (they register their models by name)
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 
+from ..models import register_model
 from ..paths import Path, get_path
 from ..prediction import check_kind, convert
 
@@ -198,3 +199,7 @@ def single_gaussian_ode(x, t_start: float, t_end: float, path: "str | Path", mea
     k = math.sqrt((a1**2 * std**2 + s1**2) / (a0**2 * std**2 + s0**2))
     mean = torch.as_tensor(mean, dtype=x.dtype)
     return a1 * mean + k * (x - a0 * mean)
+
+
+register_model("gmm-flow", lambda: toy(dim=2).denoiser("flow", "flow"))  # named models for configs and specs
+register_model("gmm-vp", lambda: toy(dim=2).denoiser("vp-linear", "eps"))

@@ -1,0 +1,183 @@
+"""Sweep configurations: TOML files validated by pydantic, expanded into cells.
+
+```toml
+name = "guidance-scales"
+models = ["digits-flow"]
+solvers = ["dpmpp_2m"]
+steps = [25]
+seeds = [0, 1]
+samples = 200
+metrics = ["accuracy", "fd", "saturation"]
+
+[[guidance]]
+method = "cfg"
+scale = [1.5, 3, 5]
+
+[[guidance]]
+method = "apg"
+scale = [3, 5]
+eta = 0
+```
+
+Each ``[[guidance]]`` entry names a registered method (or ``"none"``); its other keys are options, a list being a
+grid of values. A bad file gives one line naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .. import __version__
+from ..guidance import REGISTRY, parse
+from ..models import MODELS
+from ..solvers import get_solver
+from ..spec import format_spec
+from .metrics import METRICS, check_metrics
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Sweep", "Cell", "ConfigError", "load_sweep", "PRESETS"]
+
+PRESETS = ("demo", "guidance-scales", "solvers")
+
+
+class ConfigError(ValueError):
+    """A sweep configuration that cannot run; the message is one line naming the file and the key."""
+
+
+class Sweep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    models: list[str] = Field(min_length=1)
+    solvers: list[str] = Field(default=["dpmpp_2m"], min_length=1)
+    steps: list[int] = Field(default=[25], min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    samples: int = Field(default=100, ge=1)
+    metrics: list[str] = Field(default=["accuracy"], min_length=1)
+    guidance: list[dict] = Field(default=[{"method": "none"}], min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v):
+        for m in v:
+            if m not in MODELS:
+                raise ValueError(f"unknown model {m!r}; allowed: {', '.join(sorted(MODELS))}")
+        return v
+
+    @field_validator("solvers")
+    @classmethod
+    def _solvers(cls, v):
+        for s in v:
+            get_solver(s)  # raises a ValueError naming what is allowed
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        if any(s < 1 for s in v):
+            raise ValueError(f"steps must be integers >= 1, got {v}")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v):
+        unknown = [m for m in v if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; allowed: {', '.join(METRICS)}")
+        return v
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, v):
+        for entry in v:
+            for spec in _expand_guidance(entry):
+                if spec != "none":
+                    parse(spec)  # raises a ValueError naming the method, the option and what is allowed
+        return v
+
+
+def _expand_guidance(entry: dict) -> list[str]:
+    """The spec strings of one ``[[guidance]]`` entry: the product of its list-valued options."""
+    if "method" not in entry:
+        raise ValueError(f"each [[guidance]] entry needs method = NAME (one of none, {', '.join(sorted(REGISTRY))})")
+    method = entry["method"]
+    if method != "none" and method not in REGISTRY:
+        raise ValueError(f"unknown guidance method {method!r}; allowed: none, {', '.join(sorted(REGISTRY))}")
+    options = {k: v if isinstance(v, list) else [v] for k, v in entry.items() if k != "method"}
+    if any(len(v) == 0 for v in options.values()):
+        raise ValueError(f"guidance {method!r}: an option has an empty list of values (an empty grid)")
+    if method == "none":
+        if options:
+            raise ValueError(f"guidance 'none' takes no options, got {', '.join(options)}")
+        return ["none"]
+    return [format_spec(method, dict(zip(options, combo))) for combo in itertools.product(*options.values())]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a model sampled with one solver, step count, guidance spec and seed."""
+
+    model: str
+    solver: str
+    steps: int
+    guidance: str
+    seed: int
+    samples: int
+    metrics: tuple[str, ...]
+
+    def config(self) -> dict:
+        return {"model": self.model, "solver": self.solver, "steps": self.steps, "guidance": self.guidance,
+                "seed": self.seed, "samples": self.samples, "metrics": list(self.metrics), "steer": __version__}
+
+    @property
+    def key(self) -> str:
+        """The hash of the canonical configuration (sorted JSON, including steer's version)."""
+        return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cells(sweep: Sweep) -> list[Cell]:
+    specs = [s for entry in sweep.guidance for s in _expand_guidance(entry)]
+    out = [Cell(m, s, n, g, seed, sweep.samples, tuple(sweep.metrics))
+           for m, s, n, g, seed in itertools.product(sweep.models, sweep.solvers, sweep.steps, specs, sweep.seeds)]
+    for cell in out:
+        check_metrics(cell.model, cell.metrics)
+    return out
+
+
+def load_sweep(source: "str | Path") -> tuple[Sweep, list[Cell]]:
+    """A sweep from a TOML file or a preset name (``steer.bench.config.PRESETS``), and its cells."""
+    path = Path(source)
+    if not path.exists() and str(source) in PRESETS:
+        text, label = resources.files("steer.bench.presets").joinpath(f"{source}.toml").read_text(), f"preset {source}"
+    elif path.exists():
+        text, label = path.read_text(), str(path)
+    else:
+        raise ConfigError(f"{source}: no such file, and not a preset (presets: {', '.join(PRESETS)})")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{label}: not valid TOML ({e})") from None
+    try:
+        sweep = Sweep(**data)
+        return sweep, cells(sweep)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed: {', '.join(Sweep.model_fields)}"
+        raise ConfigError(f"{label}: {where}: {msg}") from None
+    except ValueError as e:
+        raise ConfigError(f"{label}: {e}") from None

@@ -1,0 +1,149 @@
+"""The benchmark harness: configs and their errors, a resumable store that survives SIGKILL."""
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+import steer
+from steer.bench import ConfigError, Store, load_sweep, run
+
+SWEEP = """
+name = "kill-test"
+models = ["gmm-flow"]
+solvers = ["euler", "heun", "dpmpp_2m", "unipc"]
+steps = [4, 8, 16]
+seeds = [0]
+samples = 400
+metrics = ["accuracy", "energy"]
+
+[[guidance]]
+method = "none"
+
+[[guidance]]
+method = "cfg"
+scale = [2]
+"""
+
+
+def write(tmp_path, text, name="sweep.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def metrics_by_key(db):
+    store = Store(db)
+    rows = store.rows()
+    store.close()
+    return {r["key"]: (r["result"]["metrics"], r["result"]["nfe"]) for r in rows}
+
+
+def test_a_sweep_killed_with_sigkill_resumes_with_every_cell_once(tmp_path):
+    """Kill the runner (SIGKILL) at a random point after its first cell, rerun it: every cell is in the database
+    exactly once, with the metrics of an uninterrupted run (same seeds, same numbers: equal to 1e-12, the rounding of
+    float64 reductions whose order can differ between processes), and every sample file it names exists."""
+    config = write(tmp_path, SWEEP)
+    _, cells = load_sweep(config)
+    killed = tmp_path / "killed.sqlite"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(steer.__file__))}
+    proc = subprocess.Popen([sys.executable, "-m", "steer.bench.runner", str(config), "--db", str(killed),
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if killed.exists():
+            try:
+                done = sqlite3.connect(killed, timeout=5).execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+            except sqlite3.OperationalError:  # the table is being created
+                done = 0
+        if done >= 1:
+            break
+        time.sleep(0.05)
+    time.sleep(random.Random().uniform(0, 0.4))  # a random point after the first cell
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done >= 1, proc.stderr.read().decode()
+    partial = metrics_by_key(killed)
+    assert 1 <= len(partial) <= len(cells)
+
+    status = run(config, killed, progress=False)
+    assert status["done"] == status["total"] == len(cells)
+    resumed = metrics_by_key(killed)
+    uninterrupted = metrics_by_key(run(config, tmp_path / "clean.sqlite", progress=False) and tmp_path / "clean.sqlite")
+    assert set(resumed) == set(uninterrupted) == {c.key for c in cells}
+    for key, (values, nfe) in resumed.items():  # equal up to float64 reduction order across processes
+        assert nfe == uninterrupted[key][1] and values == pytest.approx(uninterrupted[key][0], rel=1e-12, abs=1e-15)
+    store = Store(killed)
+    assert len(store.rows()) == len(cells)  # the primary key holds each cell once
+    for row in store.rows():
+        assert store.samples(row["samples"]).shape == (400, 2)
+    store.close()
+
+
+def test_rerunning_a_finished_sweep_runs_nothing(tmp_path):
+    config = write(tmp_path, SWEEP.replace('"unipc"]', '"unipc"]\n').replace("[4, 8, 16]", "[4]"))
+    db = tmp_path / "r.sqlite"
+    run(config, db, progress=False)
+    before = Store(db).rows()
+    t0 = time.time()
+    assert run(config, db, progress=False)["done"] == len(before)
+    assert Store(db).rows() == before and time.time() - t0 < 5
+
+
+@pytest.mark.parametrize("text,message", [
+    ('models = ["gmm-flow"]', "sweep.toml: name: Field required"),
+    ('name = "x"\nmodels = ["nope"]', "sweep.toml: models: unknown model 'nope'; allowed: "),
+    ('name = "x"\nmodels = ["gmm-flow"]\n[[guidance]]\nmethod = "cgf"',
+     "sweep.toml: guidance: unknown guidance method 'cgf'; allowed: none, adaptive, apg"),
+    ('name = "x"\nmodels = ["gmm-flow"]\n[[guidance]]\nmethod = "cfg"\nscael = 3',
+     "sweep.toml: guidance: cfg has no option 'scael' (did you mean 'scale'?)"),
+    ('name = "x"\nmodels = ["gmm-flow"]\nmetrics = ["fid"]', "sweep.toml: metrics: unknown metric 'fid'; allowed: "),
+    ('name = "x"\nmodels = ["gmm-flow"]\nmetrics = ["fd"]',
+     "sweep.toml: metric 'fd' does not apply to model 'gmm-flow'; allowed for it: accuracy, energy"),
+    ('name = "x"\nmodels = []', "sweep.toml: models: List should have at least 1 item"),
+    ('name = "x"\nmodels = ["gmm-flow"]\n[[guidance]]\nmethod = "cfg"\nscale = []',
+     "sweep.toml: guidance: guidance 'cfg': an option has an empty list of values (an empty grid)"),
+    ('name = "x"\nmodels = ["gmm-flow"]\nsamples = "many"', "sweep.toml: samples: Input should be a valid integer"),
+    ('name = "x"\nmodels = ["gmm-flow"]\nsteps = [0]', "sweep.toml: steps: steps must be integers >= 1, got [0]"),
+    ('name = "x"\nmodels = ["gmm-flow"]\nsolvers = ["rk4"]', "sweep.toml: solvers: unknown solver 'rk4'; allowed: "),
+    ('name = "x"\nmodels = ["gmm-flow"]\nsteeps = [3]', "sweep.toml: steeps: unknown key; allowed: name, models"),
+    ('name = "x"\nmodels = ["gmm-flow"', "sweep.toml: not valid TOML"),
+])
+def test_bad_configs_give_one_line_and_write_nothing(tmp_path, text, message):
+    config = write(tmp_path, text)
+    db = tmp_path / "bad.sqlite"
+    with pytest.raises(ConfigError) as e:
+        run(config, db, progress=False)
+    assert str(config.parent / message.split(":")[0]) in str(e.value) and message.split(": ", 1)[1] in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not db.exists()
+
+
+def test_presets_load():
+    for name, n in (("demo", 7), ("guidance-scales", 93), ("solvers", 32)):
+        sweep, cells = load_sweep(name)
+        assert sweep.name == name and len(cells) == n and len({c.key for c in cells}) == n
+
+
+def test_cli_run_and_status(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from steer.bench.cli import app
+
+    config = write(tmp_path, SWEEP.replace("[4, 8, 16]", "[4]").replace('"heun", "dpmpp_2m", "unipc"', '"heun"'))
+    db = tmp_path / "c.sqlite"
+    res = CliRunner().invoke(app, ["run", str(config), "--db", str(db), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["status", "--db", str(db), "--json"])
+    assert json.loads(res.output)["done"] == json.loads(res.output)["total"] == 4
+    bad = write(tmp_path, 'name = "x"\nmodels = ["nope"]', "bad.toml")
+    res = CliRunner().invoke(app, ["run", str(bad), "--db", str(db)])
+    assert res.exit_code == 2 and "unknown model 'nope'" in res.output
