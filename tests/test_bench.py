@@ -114,6 +114,8 @@ def test_rerunning_a_finished_sweep_runs_nothing(tmp_path):
     ('name = "x"\nmodels = ["gmm-flow"]\nsolvers = ["rk4"]', "sweep.toml: solvers: unknown solver 'rk4'; allowed: "),
     ('name = "x"\nmodels = ["gmm-flow"]\nsteeps = [3]', "sweep.toml: steeps: unknown key; allowed: name, models"),
     ('name = "x"\nmodels = ["gmm-flow"', "sweep.toml: not valid TOML"),
+    ('name = "x"\nmodels = ["gmm-flow"]\nsteps = [4]\nnfe = [8]',
+     "sweep.toml: steps, nfe: give steps = [...] or nfe = [...] (an NFE budget per sample), not both"),
 ])
 def test_bad_configs_give_one_line_and_write_nothing(tmp_path, text, message):
     config = write(tmp_path, text)
@@ -147,3 +149,37 @@ def test_cli_run_and_status(tmp_path):
     bad = write(tmp_path, 'name = "x"\nmodels = ["nope"]', "bad.toml")
     res = CliRunner().invoke(app, ["run", str(bad), "--db", str(db)])
     assert res.exit_code == 2 and "unknown model 'nope'" in res.output
+
+
+def test_an_nfe_budget_picks_the_most_steps_that_fit(tmp_path):
+    """Heun costs 2 NFE per step but 1 on its last step to σ = 0, CFG doubles it: a budget of 10 is 3 CFG steps
+    (2·(2·3 − 1) = 10) or 5 unguided ones (9); dpmpp_2m costs 1 per step."""
+    config = write(tmp_path, 'name = "b"\nmodels = ["gmm-flow"]\nsolvers = ["heun", "dpmpp_2m"]\nnfe = [10]\n'
+                             'samples = 20\nmetrics = ["accuracy"]\n[[guidance]]\nmethod = "cfg"\nscale = [2]\n'
+                             '[[guidance]]\nmethod = "none"\n')
+    db = tmp_path / "b.sqlite"
+    run(config, db, progress=False)
+    got = {(r["config"]["solver"], r["config"]["guidance"]): (r["result"]["steps"], r["result"]["nfe"])
+           for r in Store(db).rows()}
+    assert got == {("heun", "cfg(scale=2)"): (3, 10), ("heun", "none"): (5, 9), ("dpmpp_2m", "cfg(scale=2)"): (5, 10),
+                   ("dpmpp_2m", "none"): (10, 10)}
+
+
+def test_torchrun_with_two_processes_gives_the_cells_of_one(tmp_path):
+    """``torchrun --nproc-per-node 2`` shards the cells over two CPU processes writing to one database; the result
+    is the same cells with the same metrics as one process."""
+    import shutil
+
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    config = write(tmp_path, SWEEP.replace("[4, 8, 16]", "[4, 8]"))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(steer.__file__)), "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two.sqlite"
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "steer.bench.runner", str(config),
+                          "--db", str(two), "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    one = tmp_path / "one.sqlite"
+    run(config, one, progress=False)
+    a, b = metrics_by_key(two), metrics_by_key(one)
+    assert set(a) == set(b) and len(a) == 16
+    for key in a:
+        assert a[key][1] == b[key][1] and a[key][0] == pytest.approx(b[key][0], rel=1e-12, abs=1e-15)

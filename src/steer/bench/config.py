@@ -4,7 +4,7 @@
 name = "guidance-scales"
 models = ["digits-flow"]
 solvers = ["dpmpp_2m"]
-steps = [25]
+steps = [25]            # or nfe = [50]: per cell, the most steps whose NFE per sample fits the budget
 seeds = [0, 1]
 samples = 200
 metrics = ["accuracy", "fd", "saturation"]
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import __version__
 from ..guidance import REGISTRY, parse
@@ -62,7 +62,8 @@ class Sweep(BaseModel):
     name: str
     models: list[str] = Field(min_length=1)
     solvers: list[str] = Field(default=["dpmpp_2m"], min_length=1)
-    steps: list[int] = Field(default=[25], min_length=1)
+    steps: list[int] | None = Field(default=None, min_length=1)
+    nfe: list[int] | None = Field(default=None, min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
     samples: int = Field(default=100, ge=1)
     metrics: list[str] = Field(default=["accuracy"], min_length=1)
@@ -83,12 +84,20 @@ class Sweep(BaseModel):
             get_solver(s)  # raises a ValueError naming what is allowed
         return v
 
-    @field_validator("steps")
+    @field_validator("steps", "nfe")
     @classmethod
-    def _steps(cls, v):
-        if any(s < 1 for s in v):
-            raise ValueError(f"steps must be integers >= 1, got {v}")
+    def _steps(cls, v, info):
+        if v is not None and any(s < 1 for s in v):
+            raise ValueError(f"{info.field_name} must be integers >= 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _steps_or_nfe(self):
+        if self.steps is not None and self.nfe is not None:
+            raise ValueError("give steps = [...] or nfe = [...] (an NFE budget per sample), not both")
+        if self.steps is None and self.nfe is None:
+            self.steps = [25]
+        return self
 
     @field_validator("metrics")
     @classmethod
@@ -131,15 +140,17 @@ class Cell:
 
     model: str
     solver: str
-    steps: int
+    steps: int | None  # None: the most steps that fit the NFE budget
+    nfe: int | None
     guidance: str
     seed: int
     samples: int
     metrics: tuple[str, ...]
 
     def config(self) -> dict:
-        return {"model": self.model, "solver": self.solver, "steps": self.steps, "guidance": self.guidance,
-                "seed": self.seed, "samples": self.samples, "metrics": list(self.metrics), "steer": __version__}
+        budget = {"steps": self.steps} if self.nfe is None else {"nfe": self.nfe}
+        return {"model": self.model, "solver": self.solver, **budget, "guidance": self.guidance, "seed": self.seed,
+                "samples": self.samples, "metrics": list(self.metrics), "steer": __version__}
 
     @property
     def key(self) -> str:
@@ -149,8 +160,9 @@ class Cell:
 
 def cells(sweep: Sweep) -> list[Cell]:
     specs = [s for entry in sweep.guidance for s in _expand_guidance(entry)]
-    out = [Cell(m, s, n, g, seed, sweep.samples, tuple(sweep.metrics))
-           for m, s, n, g, seed in itertools.product(sweep.models, sweep.solvers, sweep.steps, specs, sweep.seeds)]
+    budgets = [(n, None) for n in sweep.steps] if sweep.steps is not None else [(None, b) for b in sweep.nfe]
+    out = [Cell(m, s, n, b, g, seed, sweep.samples, tuple(sweep.metrics))
+           for m, s, (n, b), g, seed in itertools.product(sweep.models, sweep.solvers, budgets, specs, sweep.seeds)]
     for cell in out:
         check_metrics(cell.model, cell.metrics)
     return out
@@ -174,7 +186,7 @@ def load_sweep(source: "str | Path") -> tuple[Sweep, list[Cell]]:
         return sweep, cells(sweep)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in err["loc"]) or "steps, nfe"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown key; allowed: {', '.join(Sweep.model_fields)}"
