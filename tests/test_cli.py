@@ -15,7 +15,7 @@ def test_solvers_lists_every_solver():
     rows = json.loads(res.output)
     assert [r["name"] for r in rows] == list(SOLVERS)
     assert {r["name"]: r["order"] for r in rows}["dpmpp_3m"] == 3
-    res = runner.invoke(app, ["solvers"], env={"COLUMNS": "200"})
+    res = runner.invoke(app, ["solvers", "--long"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "dpmpp_3m" in res.output and "arXiv 2211.01095" in res.output
 
 
@@ -36,8 +36,8 @@ def test_compare_solvers_table():
 
 
 def test_bad_inputs_exit_2_with_message():
-    res = runner.invoke(app, ["sample", "--model", "digits"])
-    assert res.exit_code == 2 and "unknown model 'digits'; allowed: gmm" in res.output
+    res = runner.invoke(app, ["sample", "--model", "mnist"])
+    assert res.exit_code == 2 and "unknown model 'mnist'; allowed: gmm, digits, digits-eps" in res.output
     res = runner.invoke(app, ["sample", "--solver", "rk4", "--n", "4"])
     assert res.exit_code == 2 and "unknown solver 'rk4'" in res.output
     res = runner.invoke(app, ["sample", "--path", "vp"])
