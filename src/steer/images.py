@@ -26,6 +26,8 @@ LEGEND = (f"grey: [-1, 1] (black -1, white 1); red: above 1, blue: below -1, dee
 SCALE = 8  # screen pixels per sample pixel
 GAP = 2
 MARGIN = 6
+LINE = 14  # pixels per text line (Pillow's default font is 11 high)
+LABEL_W = 24  # the column of row labels left of the grid
 
 
 def colorize(x: np.ndarray) -> np.ndarray:
@@ -68,18 +70,16 @@ def write_grid(path, images: np.ndarray, labels: np.ndarray, title: str = "") ->
         write_png(path, tiles)
         return tiles.shape[1], tiles.shape[0]
     font = ImageFont.load_default()
-    line = int(font.getbbox("Ag")[3]) + 4
     lines = [title, LEGEND] if title else [LEGEND]
     pitch = np.asarray(images).shape[1] * SCALE + GAP
-    label_w = max(int(font.getlength(str(r))) for r in rows) + 2 * MARGIN
     text_w = max(int(font.getlength(s)) for s in lines) + 2 * MARGIN
-    top = MARGIN + len(lines) * line + MARGIN
-    width, height = max(label_w + tiles.shape[1] + MARGIN, text_w), top + tiles.shape[0] + MARGIN
+    top = MARGIN + len(lines) * LINE + MARGIN
+    width, height = max(LABEL_W + tiles.shape[1] + MARGIN, text_w), top + tiles.shape[0] + MARGIN
     img = Image.new("RGB", (width, height), "white")
-    img.paste(Image.fromarray(tiles), (label_w, top))
+    img.paste(Image.fromarray(tiles), (LABEL_W, top))
     draw = ImageDraw.Draw(img)
     for k, s in enumerate(lines):
-        draw.text((MARGIN, MARGIN + k * line), s, fill="black", font=font)
+        draw.text((MARGIN, MARGIN + k * LINE), s, fill="black", font=font)
     for i, r in enumerate(rows):
         draw.text((MARGIN, top + i * pitch + (pitch - GAP) // 2), str(r), fill="black", font=font, anchor="lm")
     _atomic(path, lambda f: img.save(f, format="PNG"))
