@@ -125,7 +125,7 @@ def test_help_has_no_bool_placeholders():
         assert res.exit_code == 0, res.output
         assert "<bool>" not in res.output and "--help" in res.output, args
     res = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "80"})
-    assert "--compare-solvers" in res.output and "digits-eps" in res.output
+    assert "--compare-solvers" in res.output and "digits-eps" in res.output and "1000 for gmm" in res.output
     res = runner.invoke(app, ["methods", "--help"], env={"COLUMNS": "80"})
     assert "--json" in res.output and "JSON" in res.output and "--long" in res.output
 

@@ -128,7 +128,8 @@ def _method_rows() -> list[dict]:
 
 
 @app.command(cls=_Command)
-def methods(name: Optional[str] = typer.Argument(None, help="Show this method's details (as --long does)."),
+def methods(name: Optional[str] = typer.Argument(None, metavar="NAME",
+                                                 help="Show this method's details (as --long does)."),
             long: bool = typer.Option(False, "--long", help="Show every method's details and sources."),
             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """List the guidance methods: one line each (name, family, extra NFE per step, arXiv id, main default)."""
@@ -179,7 +180,7 @@ def sample(
     steps: int = typer.Option(25, min=1, help="Number of solver steps."),
     guidance: Optional[str] = typer.Option(None, help="Guidance spec, e.g. 'cfg(scale=3)'. See `steer methods`."),
     n: Optional[int] = typer.Option(None, min=2, help="Number of samples, labels cycling over the classes "
-                                    "[default: 1000 for gmm, 100 for digits]."),
+                                    "(default: 1000 for gmm, 100 for digits)."),
     dim: int = typer.Option(2, min=1, help="gmm only: dimension of the Gaussian mixture."),
     seed: int = typer.Option(0, help="Random seed."),
     compare_solvers: bool = typer.Option(False, "--compare-solvers", help="gmm only: instead, print every "
@@ -330,7 +331,6 @@ def _compare(g, den, labels, seed):
     import steer
 
     z = torch.randn(len(labels), g.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    step_counts = (5, 10, 20)
     with console.status("solving the reference probability-flow ODE (scipy DOP853, rtol 1e-11)"):
         grid0 = den.path.default_grid(1)
         x_start = z * float(torch.hypot(den.path.alpha(grid0[0]), den.path.sigma(grid0[0])))
@@ -338,14 +338,14 @@ def _compare(g, den, labels, seed):
     table = Table(title=f"RMS error against the exact ODE solution ({den.path.name} path, default grid, "
                         f"{len(labels)} samples)")
     table.add_column("solver")
-    for s in step_counts:
+    for s in COMPARE_STEPS:
         table.add_column(f"{s} steps: error")
         table.add_column("NFE")
     with Progress(console=console, transient=True) as prog:
-        task = prog.add_task("solvers", total=len(COMPARE_SOLVERS) * len(step_counts))
+        task = prog.add_task("solvers", total=len(COMPARE_SOLVERS) * len(COMPARE_STEPS))
         for name in COMPARE_SOLVERS:
             row = [name]
-            for s in step_counts:
+            for s in COMPARE_STEPS:
                 res = steer.sample(den, noise=z, cond=labels, solver=name, steps=s, return_info=True)
                 row += [f"{float((res.x - ref).pow(2).mean().sqrt()):.2e}", str(res.nfe)]
                 prog.advance(task)
