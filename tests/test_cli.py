@@ -210,6 +210,7 @@ def test_sample_digits_writes_a_labelled_png_grid(tmp_path):
                               "--out", str(out)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "class accuracy: " in res.output and "out of [-1, 1]: " in res.output and "NFE/sample: " in res.output
+    assert "mean excess: " in res.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # 10 rows (labels) x 10 columns of 8x8 digits at 8 pixels per pixel, 2-pixel gaps; the row labels to the left,
     # two text lines (title, legend) above, 6-pixel margins
@@ -229,9 +230,9 @@ def test_colorize_marks_values_beyond_the_range():
     from steer.images import colorize
 
     x = np.array([[-1.0, 0.0, 1.0, 1.25, 3.0, -1.2, -5.0]])
-    # grey (x + 1)/2 inside [-1, 1]; beyond it the tint is 0.4 + 0.6 min(excess, 1): red fading from white above,
-    # blue rising from black below
-    expected = [(0, 0, 0), (128, 128, 128), (255, 255, 255), (255, 115, 115), (255, 0, 0), (0, 0, 133), (0, 0, 255)]
+    # grey (x + 1)/2 inside [-1, 1]; beyond it the tint min(excess / 0.5, 1): red from white above, blue from black
+    # below
+    expected = [(0, 0, 0), (128, 128, 128), (255, 255, 255), (255, 128, 128), (255, 0, 0), (0, 0, 102), (0, 0, 255)]
     assert colorize(x).dtype == np.uint8 and colorize(x)[0].tolist() == [list(c) for c in expected]
 
 

@@ -1,7 +1,7 @@
 """Image grids of samples that keep values beyond the data range visible, written as PNG.
 
 ``colorize`` maps the data range [−1, 1] to grey (black −1, white 1) and colours what lies beyond it: red above 1,
-blue below −1, stronger as the excess grows (full at an excess of ``EXCESS_FULL``), so the over-saturation that
+blue below −1, in proportion to the excess up to ``EXCESS_FULL`` (full red, full blue), so the over-saturation that
 high guidance scales cause (and APG removes) shows in the picture instead of being clipped away. ``write_grid``
 lays samples out one row per label and writes the PNG: with a title, legend and row labels through Pillow when it
 is installed, else as a bare image through a small zlib PNG encoder.
@@ -19,8 +19,7 @@ import numpy as np
 
 __all__ = ["EXCESS_FULL", "LEGEND", "colorize", "grid", "write_grid", "write_png"]
 
-EXCESS_FULL = 1.0
-MIN_TINT = 0.4  # the tint of the smallest excess, so that a pixel just past the range is still seen
+EXCESS_FULL = 0.5
 LEGEND = (f"grey: [-1, 1] (black -1, white 1); red: above 1, blue: below -1, deeper with the excess "
           f"(full at {EXCESS_FULL:g} beyond)")
 SCALE = 8  # screen pixels per sample pixel
@@ -35,7 +34,7 @@ def colorize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     grey = (np.clip(x, -1.0, 1.0) + 1.0) / 2.0
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    tint = MIN_TINT + (1.0 - MIN_TINT) * np.clip((np.abs(x) - 1.0) / EXCESS_FULL, 0.0, 1.0)
+    tint = np.clip((np.abs(x) - 1.0) / EXCESS_FULL, 0.0, 1.0)
     above, below = x > 1.0, x < -1.0
     rgb[above] = np.stack([np.ones_like(tint[above]), 1.0 - tint[above], 1.0 - tint[above]], axis=-1)
     rgb[below] = np.stack([np.zeros_like(tint[below]), np.zeros_like(tint[below]), tint[below]], axis=-1)
