@@ -17,25 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-
-class _NoBoolMetavar:
-    """Typer's rich help prints ``<bool>`` after flags, which take no value: an empty metavar leaves it out."""
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for p in params:
-            if getattr(p, "is_flag", False) and p.metavar is None:
-                p.metavar = ""
-        return params
-
-
-class _Command(_NoBoolMetavar, typer.core.TyperCommand):
-    pass
-
-
-class _Group(_NoBoolMetavar, typer.core.TyperGroup):
-    pass
-
+from ._typer import Command as _Command, Group as _Group
+from .bench.cli import app as bench_app
 
 app = typer.Typer(help="steer: inference-time steering of diffusion and flow-matching models.", cls=_Group,
                   no_args_is_help=True, add_completion=False)
@@ -377,6 +360,7 @@ def _save_atomic(path: FilePath, array) -> None:
 
 testbed_app = typer.Typer(help="Testbed models: train the digits checkpoints.", cls=_Group, no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
+app.add_typer(bench_app, name="bench")
 TESTBEDS = ("digits",)
 
 

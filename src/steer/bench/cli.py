@@ -8,16 +8,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from .._typer import Command, Group
 from .config import ConfigError
 from .runner import run as run_sweep
 from .store import Store
 
 app = typer.Typer(help="Benchmark sweeps: run a TOML config or preset into a resumable SQLite database.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, cls=Group)
 err = Console(stderr=True)
 
 
-@app.command()
+@app.command(cls=Command)
 def run(config: str = typer.Argument(..., help="a TOML sweep file, or a preset: demo, guidance-scales, solvers"),
         db: Path = typer.Option(..., "--db", help="the results database (created if missing)"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
@@ -30,7 +31,7 @@ def run(config: str = typer.Argument(..., help="a TOML sweep file, or a preset: 
     typer.echo(f"{status['done']}/{status['total']} cells done in {db}")
 
 
-@app.command()
+@app.command(cls=Command)
 def status(db: Path = typer.Option(..., "--db", help="the results database"),
            as_json: bool = typer.Option(False, "--json", help='print {"done": N, "total": N, "sweeps": {...}}')):
     """How many cells of the sweeps run into this database are done."""

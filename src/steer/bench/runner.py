@@ -84,9 +84,13 @@ def run(source: "str | Path", db: "str | Path", progress: bool = True) -> dict:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() else None
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+    if rank == 0:  # rank 0 creates the database; the others open it after the barrier
+        first = Store(db)
+        first.register_sweep(sweep.name, [c.key for c in cells])
+        first.close()
+    if dist.is_initialized():
+        dist.barrier()
     store = Store(db)
-    if rank == 0:
-        store.register_sweep(sweep.name, [c.key for c in cells])
     todo = [c for c in cells if c.key not in store.done()][rank::world]
     env = {"steer": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "git": _git_revision()}

@@ -29,8 +29,15 @@ class Store:
         self.path = Path(path)
         self.samples_dir = self.path.with_name(self.path.name + ".samples")
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        for attempt in range(600):  # switching to WAL takes an exclusive lock and does not wait for it: retry
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.executescript(SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 599:
+                    raise
+                time.sleep(0.1)
 
     def done(self) -> set[str]:
         return {k for (k,) in self.db.execute("SELECT key FROM cells")}
