@@ -32,6 +32,18 @@ def run(config: str = typer.Argument(..., help="a TOML sweep file, or a preset: 
 
 
 @app.command(cls=Command)
+def report(db: Path = typer.Option(..., "--db", help="the results database"),
+           out: Path = typer.Option(Path("steer-report"), "--out", help="the folder to write (index.html, grids/)")):
+    """Write a static HTML report: tables, metric-vs-scale curves, Pareto fronts, NFE-matched methods, grids."""
+    from .report import write_report
+
+    if not db.exists():
+        err.print(f"[red]error:[/red] no database at {db}", highlight=False)
+        raise typer.Exit(1)
+    typer.echo(f"report written to {write_report(db, out)}")
+
+
+@app.command(cls=Command)
 def status(db: Path = typer.Option(..., "--db", help="the results database"),
            as_json: bool = typer.Option(False, "--json", help='print {"done": N, "total": N, "sweeps": {...}}')):
     """How many cells of the sweeps run into this database are done."""

@@ -1,0 +1,224 @@
+"""A static HTML report of a results database: one folder, no network at view time.
+
+For each group of cells that share a model, a solver and a step count (or NFE budget): a table of every cell
+(mean ± std over seeds), metric-versus-scale curves (one line per method with its other options), Pareto fronts
+(each metric against accuracy, the front drawn), a table of methods at matched NFE, and the sample grid of each
+cell's first seed (image models; pixels beyond the data range in colour). Plots are inline SVG written here.
+"""
+
+from __future__ import annotations
+
+import html
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ..spec import parse_spec
+from .metrics import METRICS, family, labels_for
+from .store import Store
+
+__all__ = ["write_report"]
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22"]
+LOWER_IS_BETTER = {"fd", "saturation", "energy"}
+
+
+def _method_and_scale(spec: str) -> tuple[str, float | None]:
+    """``"apg(scale=5, eta=0)"`` -> ``("apg(eta=0)", 5.0)``: the line a cell belongs to and its x coordinate."""
+    if spec == "none":
+        return "none", 1.0
+    name, args, kwargs = parse_spec(spec)
+    scale = kwargs.pop("scale", args[0] if args else None)
+    rest = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"{name}({rest})" if rest else name, None if scale is None else float(scale)
+
+
+def _group_cells(rows: list[dict]) -> dict:
+    """(model, solver, steps or nfe) -> guidance spec -> {"metrics": {name: [per seed]}, "nfe": [...], row}"""
+    groups: dict = defaultdict(lambda: defaultdict(lambda: {"metrics": defaultdict(list), "nfe": [], "rows": []}))
+    for r in rows:
+        c = r["config"]
+        budget = f"{c['steps']} steps" if "steps" in c else f"NFE ≤ {c['nfe']}"
+        cell = groups[(c["model"], c["solver"], budget)][c["guidance"]]
+        for k, v in r["result"]["metrics"].items():
+            cell["metrics"][k].append(v)
+        cell["nfe"].append(r["result"]["nfe"])
+        cell["rows"].append(r)
+    return groups
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return ""
+    m = statistics.fmean(values)
+    return f"{m:.4g}" if len(values) == 1 else f"{m:.4g} ± {statistics.stdev(values):.2g}"
+
+
+class _Axes:
+    """A small SVG plot: linear axes fitted to the data, ticks, labels."""
+
+    W, H, L, R, T, B = 420, 280, 56, 12, 24, 40
+
+    def __init__(self, xs, ys, title, xlabel, ylabel):
+        self.x0, self.x1 = self._span(xs)
+        self.y0, self.y1 = self._span(ys)
+        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.W}" height="{self.H}" '
+                      f'viewBox="0 0 {self.W} {self.H}" font-family="sans-serif" font-size="11">',
+                      f'<text x="{self.W / 2}" y="14" text-anchor="middle" font-weight="bold">{html.escape(title)}'
+                      '</text>',
+                      f'<rect x="{self.L}" y="{self.T}" width="{self.W - self.L - self.R}" '
+                      f'height="{self.H - self.T - self.B}" fill="none" stroke="#999"/>',
+                      f'<text x="{self.W / 2}" y="{self.H - 6}" text-anchor="middle">{html.escape(xlabel)}</text>',
+                      f'<text x="12" y="{self.H / 2}" text-anchor="middle" transform="rotate(-90 12 {self.H / 2})">'
+                      f'{html.escape(ylabel)}</text>']
+        for i in range(5):
+            fx, fy = self.x0 + (self.x1 - self.x0) * i / 4, self.y0 + (self.y1 - self.y0) * i / 4
+            self.parts.append(f'<text x="{self.px(fx):.1f}" y="{self.H - self.B + 14}" text-anchor="middle">'
+                              f'{fx:.3g}</text>')
+            self.parts.append(f'<text x="{self.L - 4}" y="{self.py(fy) + 4:.1f}" text-anchor="end">{fy:.3g}</text>')
+
+    @staticmethod
+    def _span(values):
+        lo, hi = min(values), max(values)
+        pad = (hi - lo) * 0.08 or max(abs(lo) * 0.1, 1e-3)
+        return lo - pad, hi + pad
+
+    def px(self, x):
+        return self.L + (x - self.x0) / (self.x1 - self.x0) * (self.W - self.L - self.R)
+
+    def py(self, y):
+        return self.H - self.B - (y - self.y0) / (self.y1 - self.y0) * (self.H - self.T - self.B)
+
+    def line(self, pts, colour, label, index):
+        path = " ".join(f"{self.px(x):.1f},{self.py(y):.1f}" for x, y in pts)
+        self.parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        self.points(pts, colour)
+        self.parts.append(f'<text x="{self.L + 6}" y="{self.T + 14 + 13 * index}" fill="{colour}">'
+                          f'{html.escape(label)}</text>')
+
+    def points(self, pts, colour, labels=None):
+        for j, (x, y) in enumerate(pts):
+            self.parts.append(f'<circle cx="{self.px(x):.1f}" cy="{self.py(y):.1f}" r="3" fill="{colour}">'
+                              f'<title>{html.escape(labels[j]) if labels else f"{x:.3g}, {y:.3g}"}</title></circle>')
+
+    def svg(self) -> str:
+        return "\n".join(self.parts + ["</svg>"])
+
+
+def _pareto(points: list[tuple[float, float]], lower: bool) -> list[tuple[float, float]]:
+    """The points not dominated in (accuracy higher, the other metric lower or higher), sorted by accuracy."""
+    better = (lambda a, b: a <= b) if lower else (lambda a, b: a >= b)
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and better(q[1], p[1]) for q in points)]
+    return sorted(set(front))
+
+
+def _curves(cells: dict, metric: str) -> str | None:
+    lines: dict = defaultdict(list)
+    for spec, c in cells.items():
+        method, scale = _method_and_scale(spec)
+        if scale is not None and c["metrics"].get(metric):
+            lines[method].append((scale, statistics.fmean(c["metrics"][metric])))
+    lines = {k: sorted(v) for k, v in lines.items() if k != "none"}
+    if not lines:
+        return None
+    pts = [p for v in lines.values() for p in v]
+    ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs guidance scale", "scale (w-form)", metric)
+    for i, (method, v) in enumerate(sorted(lines.items())):
+        ax.line(v, COLOURS[i % len(COLOURS)], method, i)
+    return ax.svg()
+
+
+def _front(cells: dict, metric: str) -> str | None:
+    pts, labels = [], []
+    for spec, c in cells.items():
+        if c["metrics"].get("accuracy") and c["metrics"].get(metric):
+            pts.append((statistics.fmean(c["metrics"]["accuracy"]), statistics.fmean(c["metrics"][metric])))
+            labels.append(spec)
+    if len(pts) < 2:
+        return None
+    lower = metric in LOWER_IS_BETTER
+    ax = _Axes([p[0] for p in pts], [p[1] for p in pts],
+               f"{metric} vs accuracy ({'lower' if lower else 'higher'} {metric} and higher accuracy are better)",
+               "accuracy", metric)
+    ax.points(pts, "#777", labels)
+    front = _pareto(pts, lower)
+    ax.line(front, "#d62728", "Pareto front", 0)
+    return ax.svg()
+
+
+def _grid(out: Path, store: Store, key: str, row: dict) -> str | None:
+    from ..images import write_grid
+
+    c = row["config"]
+    if family(c["model"]) != "digits":
+        return None
+    x = store.samples(row["samples"])
+    labels = labels_for(c["model"], len(x)).numpy()
+    name = f"grids/{key}.png"
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    title = f"{c['model']} · {c['solver']} · {c.get('steps', c.get('nfe'))} · {c['guidance']} · seed {c['seed']}"
+    write_grid(out / name, x[:, 0], labels, title=title)
+    return name
+
+
+def write_report(db: "str | Path", out: "str | Path") -> Path:
+    """Write ``out/index.html`` (and ``out/grids/*.png``) from the database ``db``; returns the index's path."""
+    store = Store(db)
+    rows = store.rows()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    body = [f"<h1>steer benchmark report</h1><p>{len(rows)} cells from <code>{html.escape(str(db))}</code>. "
+            "Values are means over seeds (± standard deviation where there are several). Metrics:</p><ul>"]
+    body += [f"<li><b>{k}</b>: {html.escape(v[1])}</li>" for k, v in METRICS.items()] + ["</ul>"]
+    for (model, solver, budget), cells in sorted(_group_cells(rows).items()):
+        names = sorted({k for c in cells.values() for k in c["metrics"]})
+        body.append(f"<h2>{html.escape(model)} · {html.escape(solver)} · {html.escape(budget)}</h2>")
+        body.append("<table><tr><th>guidance</th><th>NFE / sample</th>" + "".join(f"<th>{n}</th>" for n in names)
+                    + "</tr>")
+        for spec, c in sorted(cells.items()):
+            body.append(f"<tr><td><code>{html.escape(spec)}</code></td><td>{_fmt(c['nfe'])}</td>"
+                        + "".join(f"<td>{_fmt(c['metrics'].get(n, []))}</td>" for n in names) + "</tr>")
+        body.append("</table>")
+        plots = [_curves(cells, n) for n in names] + [_front(cells, n) for n in names if n != "accuracy"]
+        body.append('<div class="plots">' + "".join(p for p in plots if p) + "</div>")
+        by_nfe: dict = defaultdict(list)
+        for spec, c in cells.items():
+            by_nfe[round(statistics.fmean(c["nfe"]))].append(spec)
+        if len(by_nfe) > 1:
+            body.append("<h3>At matched NFE</h3><table><tr><th>NFE / sample</th><th>methods</th></tr>")
+            body += [f"<tr><td>{n}</td><td>{', '.join(f'<code>{html.escape(s)}</code>' for s in sorted(v))}</td></tr>"
+                     for n, v in sorted(by_nfe.items())]
+            body.append("</table>")
+        grids = []
+        for spec, c in sorted(cells.items()):
+            first = min(c["rows"], key=lambda r: r["config"]["seed"])
+            name = _grid(out, store, first["key"], first)
+            if name:
+                grids.append(f'<figure><img src="{name}" alt="{html.escape(spec)}">'
+                             f"<figcaption>{html.escape(spec)}</figcaption></figure>")
+        if grids:
+            body.append('<h3>Samples (first seed; red above / blue below the data range)</h3><div class="grids">'
+                        + "".join(grids) + "</div>")
+    store.close()
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>steer benchmark report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
+.plots, .grids {{ display: flex; flex-wrap: wrap; gap: 12px; }} figure {{ margin: 0; }}
+figcaption {{ font-size: 12px; text-align: center; }}
+</style></head>
+<body>
+{chr(10).join(body)}
+<script>
+window.addEventListener("load", () => {{
+  const broken = [...document.images].filter(im => !(im.complete && im.naturalWidth > 0)).length;
+  document.body.dataset.check = broken ? `broken ${{broken}}` : `ok ${{document.images.length}}`;
+}});
+</script>
+</body></html>
+"""
+    index = out / "index.html"
+    index.write_text(page)
+    return index
