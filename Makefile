@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/steer sample --model gmm --path flow --compare-solvers
+	$(VENV)/bin/steer demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

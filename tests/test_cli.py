@@ -263,3 +263,18 @@ def test_grid_rows_are_labels_and_the_bare_png_decodes(tmp_path, monkeypatch):
     with Image.open(tmp_path / "bare.png") as img:
         assert img.size == (50, 34)
         assert (np.asarray(img.convert("RGB")) == grid(imgs, np.array([1, 0, 1]))[0]).all()
+
+
+def test_demo_prints_a_table_and_writes_a_report(tmp_path):
+    """``steer demo`` on a two-cell digits sweep (the real preset takes about 1.5 minutes on 2 cores)."""
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "tiny"\nmodels = ["digits-flow"]\nnfe = [8]\nsamples = 10\n'
+                      'metrics = ["accuracy", "fd", "saturation"]\n[[guidance]]\nmethod = "none"\n'
+                      '[[guidance]]\nmethod = "apg"\nscale = [3]\n')
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "rep"), "--no-progress", "--config", str(config)],
+                        env={"COLUMNS": "120"})
+    assert res.exit_code == 0, res.output
+    assert "apg(scale=3)" in res.output and "none" in res.output and "Fréchet distance" in res.output
+    assert (tmp_path / "rep" / "index.html").exists() and (tmp_path / "rep" / "results.sqlite").exists()
+    bad = runner.invoke(app, ["demo", "--out", str(tmp_path / "rep2"), "--config", "nope"])
+    assert bad.exit_code == 2 and "not a preset" in bad.output

@@ -358,6 +358,42 @@ def _save_atomic(path: FilePath, array) -> None:
         raise
 
 
+@app.command(cls=_Command)
+def demo(out: FilePath = typer.Option(FilePath("steer-report"), "--out", help="Folder of the report and database."),
+         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+         config: str = typer.Option("demo", "--config", help="Another sweep of digits-flow cells to show instead.")):
+    """Compare the headline guidance methods on the shipped digits model at equal compute: a table here, and a
+    report in OUT/index.html (rerunning reuses the finished cells in OUT/results.sqlite)."""
+    from .bench import ConfigError, Store, run
+    from .bench.metrics import METRICS
+    from .bench.report import write_report
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        db = out / "results.sqlite"
+        started = time.perf_counter()
+        run(config, db, progress=progress)
+        index = write_report(db, out)
+    except OSError as e:
+        _fail(f"cannot write the demo's report to {out}: {_os_error(e)}", 1)
+    except ConfigError as e:
+        _fail(str(e))
+    store = Store(db)
+    rows = [r for r in store.rows() if r["config"]["model"] == "digits-flow"]
+    store.close()
+    table = Table(title="digits flow model: guidance at equal compute (NFE per sample)")
+    for col in ("guidance", "NFE", "steps", "accuracy ↑", "FD ↓", "saturation ↓"):
+        table.add_column(col, justify="left" if col == "guidance" else "right")
+    for r in rows:
+        m = r["result"]["metrics"]
+        table.add_row(r["config"]["guidance"], str(r["result"]["nfe"]), str(r["result"]["steps"]),
+                      f"{m['accuracy']:.3f}", f"{m['fd']:.1f}", f"{m['saturation']:.4f}")
+    console.print(table)
+    for name in ("accuracy", "fd", "saturation"):
+        console.print(f"[bold]{name}[/]: {escape(METRICS[name][1])}", highlight=False)
+    console.print(f"report: {index} ({time.perf_counter() - started:.0f} s)", highlight=False)
+
+
 testbed_app = typer.Typer(help="Testbed models: train the digits checkpoints.", cls=_Group, no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
 app.add_typer(bench_app, name="bench")
