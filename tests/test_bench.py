@@ -128,7 +128,7 @@ def test_bad_configs_give_one_line_and_write_nothing(tmp_path, text, message):
 
 
 def test_presets_load():
-    for name, n in (("demo", 7), ("guidance-scales", 93), ("solvers", 32)):
+    for name, n in (("demo", 15), ("guidance-scales", 93), ("solvers", 32)):
         sweep, cells = load_sweep(name)
         assert sweep.name == name and len(cells) == n and len({c.key for c in cells}) == n
 
