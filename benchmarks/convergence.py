@@ -3,7 +3,7 @@
 Global RMS error against the reference probability-flow ODE solution (scipy DOP853, rtol 1e-11) at N, 2N, 4N,
 8N steps; the order is log2 of the error ratio per halving. Paths: rectified flow from pure noise (t = 1 → 0.02,
 uniform t) and vp-linear (t = 1 → 0.01, uniform log-SNR). Writes a markdown table to stdout and
-benchmarks/out/convergence.md.
+bench-out/convergence.md (--out).
 
     python benchmarks/convergence.py [--n0 16] [--samples 64]
 """
@@ -26,6 +26,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n0", type=int, default=16, help="coarsest number of steps")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path("bench-out") / "convergence.md",
+                    help="where to write (default bench-out/, outside the committed tree; "
+                         "benchmarks/out/ holds the committed reference)")
     args = ap.parse_args()
     ns = [args.n0 * 2**k for k in range(4)]
     g = gmm.toy(dim=2)
@@ -48,8 +51,8 @@ def main():
             lines.append(f"| `{name}` | {path_name} | {' / '.join(f'{e:.2e}' for e in errs)} | "
                          f"{' / '.join(f'{o:.2f}' for o in orders)} |")
             print(lines[-1], flush=True)
-    out = Path(__file__).parent / "out" / "convergence.md"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"\nwritten to {out}")
 

@@ -4,8 +4,8 @@ For each method and scale: 25 dpmpp_2m steps, ``--samples`` samples (labels cycl
 seeds. Metrics, against the 1,797 real digits, in the digit classifier's feature space: class accuracy, Fréchet
 distance (FD), precision and recall (k = 3); saturation: the fraction of pixels beyond the data range [−1, 1] and
 the mean excess |x| − 1 beyond it; NFE per sample. (The data sit at exactly ±1 in the background and strokes, so
-the fraction counts pixels more than 10% beyond the range.) Mean ± std over seeds. Writes benchmarks/out/digits.md
-and a PNG grid per method and scale (10 samples of each digit) in benchmarks/out/digits/.
+the fraction counts pixels more than 10% beyond the range.) Mean ± std over seeds. Writes bench-out/digits.md
+and a PNG grid per method and scale (10 samples of each digit) in bench-out/digits/ (--out).
 
 Scales are in the w-form for every method (w = 1: the conditional model alone; perturbation terms add
 (w − 1)(D_c − D_perturbed)). CFG++ uses λ = min(1, (w − 1)/11), its range [0, 1] mapped onto CFG's [1, 12].
@@ -23,8 +23,6 @@ import torch
 import steer
 from steer import metrics
 from steer.testbeds import digits
-
-OUT = Path(__file__).parent / "out"
 
 
 def methods(weak):
@@ -75,6 +73,9 @@ def main():
     ap.add_argument("--scales", type=float, nargs="+", default=[1.5, 3, 5, 8, 12])
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--only", nargs="*", help="run only these methods")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"),
+                    help="folder for digits.md and digits/*.png (default bench-out/, outside the committed tree; "
+                         "benchmarks/out/ holds the committed reference)")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -108,7 +109,7 @@ def main():
             row["nfe"] = res.nfe
             per_seed.append(row)
             if seed == 0:
-                write_png(OUT / "digits" / f"{name.replace(' ', '_').replace('*', 'star').replace('+', 'p')}"
+                write_png(args.out / "digits" / f"{name.replace(' ', '_').replace('*', 'star').replace('+', 'p')}"
                                            f"_{'none' if w is None else f'{w:g}'}.png", grid(res.x, labels))
         table[(name, w)] = {k: torch.tensor([r[k] for r in per_seed], dtype=torch.float64) for k in per_seed[0]}
         m = table[(name, w)]
@@ -126,10 +127,10 @@ def main():
         lines.append(f"| {name} | {'-' if w is None else f'{w:g}'} | {fmt(m['acc'])} | {fmt(m['fd'], 2)} | "
                      f"{fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['sat_frac'], 4)} | "
                      f"{fmt(m['sat_excess'], 4)} | {m['nfe'].mean():.0f} |")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "digits.md").write_text("\n".join(lines) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "digits.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwritten to {OUT / 'digits.md'} and {OUT / 'digits'}/*.png")
+    print(f"\nwritten to {args.out / 'digits.md'} and {args.out / 'digits'}/*.png")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ digits testbed; the CPU test suite cannot see devices.
    give batch invariance with a stochastic solver; ``seed=`` gives the same sample on the CPU and on CUDA.
 4. Memory of a model whose parameters require grad does not grow with the number of steps.
 
-    python benchmarks/gpu_checks.py [--device cuda] [--out benchmarks/out/gpu_checks.md]
+    python benchmarks/gpu_checks.py [--device cuda] [--out bench-out/gpu_checks.md]
 """
 import argparse
 import json
@@ -168,7 +168,7 @@ def devices(device) -> tuple[list[str], dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "gpu_checks.md")
+    ap.add_argument("--out", type=Path, default=Path("bench-out") / "gpu_checks.md")
     args = ap.parse_args()
     device = torch.device(args.device)
     head = [f"## GPU checks, {datetime.now():%Y-%m-%d}, {_name(device)}, torch {torch.__version__}",

@@ -33,7 +33,7 @@ whole call; the median wall time is reported.
 Goals (issue 7): steer CFG / diffusers ≤ 1.0; APG, rescale, CFG-Zero*, TCFG each ≤ 1.02× steer's CFG; peak memory
 ≤ 1.05× diffusers'.
 
-Writes a markdown table to stdout and ``--out`` (default benchmarks/out/gpu_loop.md), and the raw numbers to the
+Writes a markdown table to stdout and ``--out`` (default bench-out/gpu_loop.md), and the raw numbers to the
 same name with ``.json``. On an H200 the whole run should take one to two minutes.
 
     python benchmarks/gpu_loop.py [--batches 1 8] [--steps 25] [--repeats 7] [--warmup 3] [--out PATH]
@@ -329,7 +329,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet (32/64 channels, 16×16), to check the script")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "gpu_loop.md")
+    ap.add_argument("--out", type=Path, default=Path("bench-out") / "gpu_loop.md")
     ap.add_argument("--profile", action="store_true", help="also record GPU time by kernel of diffusers and steer CFG")
     args = ap.parse_args()
     import diffusers

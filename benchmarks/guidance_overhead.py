@@ -159,14 +159,17 @@ def main():
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("bench-out") / "guidance_overhead.md",
+                    help="where to write (default bench-out/, outside the committed tree; "
+                         "benchmarks/out/ holds the committed reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warm = keep_freed_memory()
     print(f"warm allocator: {warm}")
     with torch.no_grad():
         lines = combine_table(args.batch, args.size, args.repeats) + nfe_table()
-    out = Path(__file__).parent / "out" / "guidance_overhead.md"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"\nwritten to {out}")
 

@@ -16,7 +16,7 @@ alone: a flow model that costs almost nothing (one 16×16 matmul on a 16-dim sta
 steer's flow ``euler`` against diffusers' FlowMatchEulerDiscreteScheduler loop on the scheduler's grid (no autograd
 context on either side: no tensor requires grad); per-step time of each side, goal steer / diffusers ≤ 1.0.
 
-Writes a markdown report to stdout and ``--out`` (default benchmarks/out/solvers.md).
+Writes a markdown report to stdout and ``--out`` (default bench-out/solvers.md).
 
     python benchmarks/solvers.py [--dim 2] [--samples 256] [--nfe 5 10 20] [--repeats 30] [--threads 1]
     python benchmarks/solvers.py --skip-accuracy --out /tmp/solvers.md   # the loop overhead only
@@ -232,7 +232,9 @@ def main():
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--trivial-steps", type=int, default=200, help="steps of the near-free flow model's loop")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "solvers.md")
+    ap.add_argument("--out", type=Path, default=Path("bench-out") / "solvers.md",
+                    help="where to write (default bench-out/, outside the committed tree; "
+                         "benchmarks/out/ holds the committed reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import diffusers
