@@ -2,7 +2,7 @@
 Guidance, FDG, characteristic guidance, Perp-Neg, and the output modifiers (rescale, TAG, dynamic thresholding).
 
 All scales are in the w-form ``y_u + w (y_c − y_u)`` (w = 1: conditional only). Norms, dot products and statistics
-are per sample over all non-batch dimensions, accumulated in float32 or better (projections in float64; half
+are per sample over all non-batch dimensions, accumulated in float32 or better (float64 where ``_dot`` is used; half
 precision inputs are multiplied in float32, so no sum of squares overflows float16's 65504) and cast back.
 State that lives across steps (APG's momentum, Adaptive Guidance's latch) is kept in ``ctx.state[owner]``.
 """
@@ -142,7 +142,8 @@ class APG(Modifier):
     Artifacts of High Guidance Scales in Diffusion Models", arXiv 2410.02416), Algorithm 1.
 
     In x0 space: ``Δ = D_c − D_u``; reverse momentum ``m ← Δ + β m`` (a running sum, β < 0; ``Δ ← m``); norm cap
-    ``Δ ← Δ·min(1, r/‖Δ‖)`` (r = 0 disables); projection on ``D_c`` in float64, ``Δ_mod = Δ_⊥ + η Δ_∥``;
+    ``Δ ← Δ·min(1, r/‖Δ‖)`` (r = 0 disables); projection on ``D_c`` (inner products by ``_gram``),
+    ``Δ_mod = Δ_⊥ + η Δ_∥``;
     ``D = D_c + (w − 1) Δ_mod``. η = 1, r = 0, β = 0 is CFG. The momentum buffer (state, one row per sample) starts
     empty at every sampling call and is updated at every model evaluation (twice per step with 2-stage solvers).
     Defaults η = 0 (the paper's recommendation), r = 15, β = −0.5 (paper Table 10, SDXL row).
@@ -195,7 +196,7 @@ class ZeroStar(Modifier):
 class TCFG(Modifier):
     """Tangential damping CFG (Kwon et al., CVPR 2025, arXiv 2503.18137), in ε space: per sample, replace
     ``y_u`` by its component along the first right-singular vector ``v_1`` of ``[y_c; y_u]`` (2 × N), then CFG.
-    ``v_1 ∝ Aᵀ e`` with ``e`` the top eigenvector of the 2×2 Gram matrix ``A Aᵀ`` (float64), in closed form instead
+    ``v_1 ∝ Aᵀ e`` with ``e`` the top eigenvector of the 2×2 Gram matrix ``A Aᵀ`` (``_gram``), in closed form instead
     of a full SVD (no solver call, no host-device synchronisation): ``y_u ← a y_c + b y_u`` per sample."""
 
     name, space = "tcfg", "eps"
