@@ -9,6 +9,7 @@ cell's first seed (image models; pixels beyond the data range in colour). Plots 
 from __future__ import annotations
 
 import html
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -220,5 +221,7 @@ window.addEventListener("load", () => {{
 </body></html>
 """
     index = out / "index.html"
-    index.write_text(page)
+    tmp = out / "index.html.tmp"
+    tmp.write_text(page)
+    os.replace(tmp, index)  # a failure leaves the previous report whole
     return index
