@@ -170,9 +170,34 @@ def sample(
                                          "solver's error against the exact ODE solution at "
                                          f"{', '.join(map(str, COMPARE_STEPS))} steps, without guidance."),
     out: Optional[FilePath] = typer.Option(None, help="Save the samples: NAME.png writes a labelled image grid "
-                                           "(digits models), any other name a .npy array."),
+                                           "(digits models), any other name a .npy array; with --diffusers the "
+                                           "image (.png, .jpg)."),
+    diffusers: Optional[FilePath] = typer.Option(None, metavar="PATH", help="Instead, generate an image with the "
+                                                 "diffusers pipeline in this local folder (SD1.5, SD2, SDXL, SD3, "
+                                                 "Flux; nothing is downloaded)."),
+    prompt: Optional[str] = typer.Option(None, help="--diffusers only: the prompt."),
+    negative_prompt: Optional[str] = typer.Option(None, help="--diffusers only: the negative prompt (the "
+                                                  "unconditional branch of CFG-family guidance)."),
+    height: Optional[int] = typer.Option(None, min=8, help="--diffusers only: image height (default: the "
+                                         "pipeline's)."),
+    width: Optional[int] = typer.Option(None, min=8, help="--diffusers only: image width (default: the pipeline's)."),
+    device: Optional[str] = typer.Option(None, help="--diffusers only: torch device, e.g. cuda (default: cpu)."),
+    dtype: Optional[str] = typer.Option(None, help="--diffusers only: float32, float16 or bfloat16 (default: as "
+                                        "saved)."),
 ):
-    """Sample from a testbed model and report how close the samples are to the target distribution."""
+    """Sample from a testbed model and report how close the samples are to the target distribution; or, with
+    --diffusers PATH, generate an image with a local diffusers pipeline and any steer guidance and solver."""
+    diffusers_only = ("prompt", "negative_prompt", "height", "width", "device", "dtype")
+    if diffusers is not None:
+        ignored = _given(ctx, "model", "path", "dim", "n", "compare_solvers")
+        if ignored:
+            _fail(f"--diffusers generates one image with the pipeline in PATH; it does not take {', '.join(ignored)}")
+        _sample_diffusers(ctx, diffusers, prompt, negative_prompt, solver, steps, guidance, seed, height, width,
+                          device, dtype, out)
+        return
+    ignored = _given(ctx, *diffusers_only)
+    if ignored:
+        _fail(f"{', '.join(ignored)} set a diffusers pipeline: pass --diffusers PATH")
     if model not in MODELS:
         _fail(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
     if compare_solvers:
@@ -301,6 +326,58 @@ def _sample_digits(model, solver, steps, guidance, n, seed, out):
     except OSError as e:
         _fail(f"cannot write the image to {out}: {_os_error(e)}", code=1)
     console.print(f"wrote a {width}x{height} grid to {out} (rows: labels 0-9; red/blue: pixels above 1 / below -1)")
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _sample_diffusers(ctx, folder, prompt, negative_prompt, solver, steps, guidance, seed, height, width, device,
+                      dtype, out):
+    """``steer sample --diffusers PATH``: one image from a local diffusers pipeline; solver, steps and guidance
+    default to the pipeline's own (its scheduler's matched solver, its num_inference_steps, its CFG scale)."""
+    if prompt is None:
+        _fail("--diffusers needs --prompt")
+    if out is None or out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        _fail("--diffusers needs --out NAME.png (or .jpg) for the image")
+    if dtype is not None and dtype not in DTYPES:
+        _fail(f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    import torch
+
+    import steer
+    from .guidance import parse as parse_guidance
+    from .integrations import diffusers as steer_diffusers
+
+    solver_arg = solver if _given(ctx, "solver") else None
+    try:
+        if solver_arg is not None:
+            steer.get_solver(solver_arg)
+        if guidance is not None:
+            parse_guidance(guidance)
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        with console.status(f"loading the pipeline in {folder}"):
+            pipe = steer_diffusers.load(folder, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    except (OSError, ValueError, TypeError) as e:
+        _fail(f"cannot load a diffusers pipeline from {folder}: {e}", code=1)
+    t0 = time.perf_counter()
+    try:
+        images, res = steer_diffusers.sample(pipe, prompt, negative_prompt=negative_prompt,
+                                             guidance="default" if guidance is None else guidance, solver=solver_arg,
+                                             steps=steps if _given(ctx, "steps") else None, seed=seed, height=height,
+                                             width=width, return_info=True)
+    except steer.NonFiniteError as e:
+        _fail(f"sampling failed: {e}", code=1)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        _fail(str(e))
+    wall = time.perf_counter() - t0
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(out)
+    except OSError as e:
+        _fail(f"cannot write the image to {out}: {_os_error(e)}", code=1)
+    console.print(f"wrote a {images[0].width}x{images[0].height} image to {out} ({type(pipe).__name__}, "
+                  f"{len(res.timesteps) - 1} steps, {res.nfe} NFE, {wall:.1f} s)")
 
 
 def _save(out, array) -> None:

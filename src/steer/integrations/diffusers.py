@@ -170,7 +170,8 @@ class DiffusersDenoiser(torch.nn.Module):
                            joint_attention_kwargs=self.call_kwargs.get("joint_attention_kwargs"), return_dict=False)[0]
         else:
             guidance = cond.get("guidance")
-            out = self.net(hidden_states=x.to(dtype), timestep=tau.to(x.dtype) / 1000, guidance=guidance,
+            # FluxPipeline passes the time (timestep / 1000) rounded to the network's dtype
+            out = self.net(hidden_states=x.to(dtype), timestep=tau.to(dtype) / 1000, guidance=guidance,
                            pooled_projections=cond["pooled_projections"].to(dtype), encoder_hidden_states=h,
                            txt_ids=cond["txt_ids"][0], img_ids=cond["img_ids"][0],
                            joint_attention_kwargs=self.call_kwargs.get("joint_attention_kwargs"), return_dict=False)[0]
@@ -464,13 +465,16 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
             latents = _pack(latents)
     else:
         latents = latents.to(device=device, dtype=dtype)
+    # The network runs in the pipeline's dtype; the sampler state, solver and guidance arithmetic in float32 or
+    # better (half-precision latents would round every update; the latents are small beside the activations).
+    state_dtype = torch.promote_types(latents.dtype, torch.float32)
     # The pipeline starts from latents · init_noise_sigma in its scheduler's coordinates; steer from
     # noise · sqrt(α² + σ²) at grid[0]: steer_noise gives the noise with the same starting state.
-    noise = steer_noise(scheduler, latents, model.path, grid)
+    noise = steer_noise(scheduler, latents.to(state_dtype), model.path, grid)
     res = steer.sample(model, noise=noise, cond=enc.cond, uncond=enc.uncond, guidance=guide, solver=solver,
                        timesteps=grid, generator=generator, return_info=True)
     with torch.no_grad():
-        images = _decode(pipe, family, res.x, output_type, height, width, generator, dtype)
+        images = _decode(pipe, family, res.x.to(dtype), output_type, height, width, generator, dtype)
     if hasattr(pipe, "maybe_free_model_hooks"):
         pipe.maybe_free_model_hooks()
     return (images, res) if return_info else images
@@ -489,6 +493,8 @@ def load(path, dtype: torch.dtype | None = None, device=None):
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    if dtype is not None:  # from_pretrained leaves some networks (a float32-saved SD3 transformer) as saved
+        pipe = pipe.to(dtype)
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

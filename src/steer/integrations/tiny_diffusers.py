@@ -25,9 +25,9 @@ SCHEDULERS = {
     "sdxl": ("EulerDiscreteScheduler", {**SD_SCHEDULER, "prediction_type": "epsilon", "timestep_spacing": "leading",
                                         "interpolation_type": "linear"}),
     "sd3": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
-    "flux": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
-                                                 "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                                                 "max_image_seq_len": 4096}),
+    "flux": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0,
+                                                 "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                                                 "base_image_seq_len": 256, "max_image_seq_len": 4096}),
 }
 """Scheduler class and config per kind (as the real checkpoints ship them, SDXL's Euler "leading")."""
 
@@ -67,9 +67,9 @@ def _clip(hidden: int, projection: bool, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_attention_heads=2, num_hidden_layers=2, vocab_size=514, max_position_embeddings=77,
-                         projection_dim=hidden, hidden_act="gelu")
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_attention_heads=2, num_hidden_layers=2, vocab_size=514,
+                         max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu")
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
@@ -114,7 +114,8 @@ def build(kind: str, seed: int = 0):
         torch.manual_seed(seed)
         unet = diffusers.UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32 if xl else 16, attention_head_dim=4, norm_num_groups=4,
             **({"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
                 "projection_class_embeddings_input_dim": 16 + 6 * 8, "use_linear_projection": True} if xl else {}),
