@@ -144,6 +144,7 @@ class DiffusersDenoiser(torch.nn.Module):
         self.prediction = check_kind(prediction)
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.call_kwargs = dict(call_kwargs or {})  # cross_attention_kwargs / joint_attention_kwargs (LoRA scale…)
+        self.net_dtype = net.dtype  # read once: diffusers' ModelMixin.dtype walks every submodule
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The network's timestep at steer time ``t`` (see the module docstring's table)."""
@@ -155,7 +156,7 @@ class DiffusersDenoiser(torch.nn.Module):
         if not isinstance(cond, dict) or "encoder_hidden_states" not in cond:
             raise ValueError("a diffusers Denoiser needs cond = {'encoder_hidden_states': ..., ...} (see "
                              "steer.integrations.diffusers.encode)")
-        dtype = self.net.dtype
+        dtype = self.net_dtype
         tau = self.timestep(t.reshape(-1).expand(x.shape[0]))
         h = cond["encoder_hidden_states"].to(dtype)
         if self.family in ("sd", "sdxl"):
@@ -258,11 +259,11 @@ def denoiser(pipe, height: int | None = None, width: int | None = None) -> Diffu
     return DiffusersDenoiser(net, family, path, "flow", shape[1:])
 
 
-def pipeline_grid(pipe, steps: int, height: int | None = None, width: int | None = None):
+def pipeline_grid(pipe, steps: int, height: int | None = None, width: int | None = None, path=None):
     """The time grid the pipeline's own scheduler steps through for ``steps`` steps at ``height × width``, set up
     as the pipeline's ``__call__`` sets it up (``_set_timesteps_kwargs``). Returns ``(scheduler, grid)``: a fresh
     scheduler of the pipeline's class and config (the pipeline's own is untouched) and the decreasing float64
-    steer times it steps through (``scheduler_levels``)."""
+    steer times it steps through (``scheduler_levels``) on ``path`` (default: the pipeline Denoiser's)."""
     family = _family(pipe)
     height, width = _size(pipe, family, height, width)
     kwargs = _set_timesteps_kwargs(pipe, family, steps, _latent_shape(pipe, family, 1, height, width))
@@ -271,8 +272,7 @@ def pipeline_grid(pipe, steps: int, height: int | None = None, width: int | None
         sch.set_timesteps(**kwargs)
     else:
         sch.set_timesteps(steps, **kwargs)
-    path = denoiser(pipe, height, width).path
-    _, grid = scheduler_levels(sch, path)
+    _, grid = scheduler_levels(sch, path if path is not None else denoiser(pipe, height, width).path)
     return sch, grid
 
 
@@ -305,14 +305,14 @@ class Encoded:
 def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
            num_images_per_prompt: int = 1, negative: bool = True, height: int | None = None, width: int | None = None,
            embedded_guidance: float | None = 3.5, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-           max_sequence_length: int | None = None) -> Encoded:
+           max_sequence_length: int | None = None, device=None) -> Encoded:
     """Encode prompts with the pipeline's own ``encode_prompt`` into steer conditionings (see the module docstring).
 
     ``negative=False`` skips the negative branch (guidance without an unconditional branch). Flux encodes a
     negative only when ``negative_prompt``/``negative_prompt_embeds`` is given, as its pipeline does for true CFG.
     """
     family = _family(pipe)
-    device = pipe._execution_device
+    device = pipe._execution_device if device is None else device
     height, width = _size(pipe, family, height, width)
     n = num_images_per_prompt
     if family == "sd":
@@ -373,7 +373,7 @@ def _decode(pipe, family: str, latents: torch.Tensor, output_type: str, height: 
     vae = pipe.vae
     if family == "sd":
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, dtype)
+        image, nsfw = pipe.run_safety_checker(image, latents.device, dtype)
         denorm = [True] * image.shape[0] if nsfw is None else [not x for x in nsfw]
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denorm)
     if family == "sdxl":
@@ -443,18 +443,20 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
         guidance = DEFAULT_GUIDANCE[family]
     guide = parse(guidance)
     height, width = _size(pipe, family, height, width)
+    device = pipe._execution_device  # (a slow property in diffusers: read once)
     model = denoiser(pipe, height, width)
     enc = encode(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                  negative=guide is not None, height=height, width=width, embedded_guidance=embedded_guidance,
                  pooled_prompt_embeds=pooled_prompt_embeds,
-                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, max_sequence_length=max_sequence_length)
+                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, max_sequence_length=max_sequence_length,
+                 device=device)
     steps = _default_steps(pipe) if steps is None else steps
-    scheduler, grid = pipeline_grid(pipe, steps, height, width)
+    scheduler, grid = pipeline_grid(pipe, steps, height, width, model.path)
     if timesteps is not None:
         grid = torch.as_tensor(timesteps, dtype=torch.float64)
     solver = matched_solver(pipe.scheduler) if solver is None else solver
 
-    device, dtype = pipe._execution_device, enc.cond["encoder_hidden_states"].dtype
+    dtype = enc.cond["encoder_hidden_states"].dtype
     batch = enc.cond["encoder_hidden_states"].shape[0]
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor
