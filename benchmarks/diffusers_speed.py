@@ -175,6 +175,9 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="images per call (default 1; full: 1 8)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU, where "
                     "several threads on a shared machine make small ops ten times slower; torch's on a GPU)")
+    ap.add_argument("--device", default=None, help="full size: torch device (default cuda; another device only "
+                    "checks that the script runs, and its timings are no goal)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 64 tiny, 512 full size)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/diffusers_speed.md"))
     args = ap.parse_args()
     if args.threads or not args.full_size:
@@ -182,27 +185,33 @@ def main():
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     if args.full_size:
-        if not torch.cuda.is_available():
+        where = args.device or "cuda"
+        if where.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("--full-size needs a CUDA GPU (a random-weight SD1.5-sized UNet in float16)")
-        pipe = full_size_pipeline("cuda", torch.float16)
-        steps, batches, size = args.steps or 25, args.batches or [1, 8], 512
-        device = torch.cuda.get_device_name()
-        what = "random-weight SD1.5-sized UNet (860M parameters), float16, 512×512 (64×64 latents)"
+        dtype = torch.float16 if where.startswith("cuda") else torch.float32
+        pipe = full_size_pipeline(where, dtype)
+        steps, batches, size = args.steps or 25, args.batches or [1, 8], args.size or 512
+        device = torch.cuda.get_device_name() if where.startswith("cuda") else cpu
+        what = (f"random-weight SD1.5-sized UNet (860M parameters), {str(dtype).removeprefix('torch.')}, "
+                f"{size}×{size} ({size // 8}×{size // 8} latents)")
     else:
         pipe = tiny_pipeline()
-        steps, batches, size = args.steps or 20, args.batches or [1], 64
-        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        what = "tiny random-weight SD pipeline of steer.integrations.tiny_diffusers, float32, 64×64 (32×32 latents)"
+        steps, batches, size = args.steps or 20, args.batches or [1], args.size or 64
+        device = cpu
+        what = (f"tiny random-weight SD pipeline of steer.integrations.tiny_diffusers, float32, {size}×{size} "
+                f"({size // 2}×{size // 2} latents)")
     pipe.set_progress_bar_config(disable=True)
     results, note = run(pipe, batches, steps, args.repeats, size, size)
+    gpu = pipe._execution_device.type == "cuda"
     date = datetime.date.today().isoformat()
     text = (f"# steer vs the diffusers pipeline: seconds per image at equal NFE\n\n"
             f"{date} · {device} · torch {torch.__version__} · diffusers {diffusers.__version__}\n\n"
             f"Model: {what}; {steps} DPM-Solver++(2M) steps (steer dpmpp_2m on the pipeline's own grid), prompt to "
             f"final latents, median of {args.repeats} runs per side after a warm-up, the sides alternating. APG's "
             f"pipeline column is the pipeline's CFG at the same NFE (the standard pipelines have no APG).\n\n"
-            f"{table(results, args.full_size)}\n")
+            f"{table(results, gpu)}\n")
     if note:
         text += f"\n{note}\n"
     if args.full_size:

@@ -473,8 +473,15 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     # The pipeline starts from latents · init_noise_sigma in its scheduler's coordinates; steer from
     # noise · sqrt(α² + σ²) at grid[0]: steer_noise gives the noise with the same starting state.
     noise = steer_noise(scheduler, latents.to(state_dtype), model.path, grid)
-    res = steer.sample(model, noise=noise, cond=enc.cond, uncond=enc.uncond, guidance=guide, solver=solver,
-                       timesteps=grid, generator=generator, return_info=True)
+    try:
+        res = steer.sample(model, noise=noise, cond=enc.cond, uncond=enc.uncond, guidance=guide, solver=solver,
+                           timesteps=grid, generator=generator, return_info=True)
+    except ValueError as e:
+        if family == "flux" and enc.uncond is None and "'uncond' conditioning" in str(e):
+            raise ValueError(f"{guide!r} needs an unconditional branch, which guidance-distilled Flux does not have: "
+                             "pass negative_prompt= (the pipeline's true CFG), or use a method without one (pag, "
+                             "seg, slg, ...) with embedded_guidance=") from None
+        raise
     with torch.no_grad():
         images = _decode(pipe, family, res.x.to(dtype), output_type, height, width, generator, dtype)
     if hasattr(pipe, "maybe_free_model_hooks"):
