@@ -37,6 +37,7 @@ delegates to ``steer.integrations.diffusers_attention``.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path as FilePath
@@ -77,18 +78,31 @@ def _network(pipe):
     return pipe.unet if _family(pipe) in ("sd", "sdxl") else pipe.transformer
 
 
+_CACHE: dict = {}  # (what, key) -> VP path or (scheduler, grid): building them costs ~10 ms per call
+
+
+def _key(config) -> str:
+    return json.dumps(dict(config), sort_keys=True, default=str)
+
+
 def vp_path(scheduler_config) -> VP:
     """The VP path of a diffusers scheduler config: its ``alphas_cumprod`` table (diffusers computes it), named
     after steer's path when it is one of them."""
     from diffusers import DDPMScheduler
 
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
-    ac = DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config}).alphas_cumprod.double()
-    for name in ("vp-scaled-linear", "vp-linear", "vp-cosine"):
-        named = get_path(name, T=len(ac))
-        if torch.equal(named.alphas_cumprod, ac):
-            return named
-    return VP(ac.numpy(), name="vp")
+    cfg = {k: scheduler_config[k] for k in keys if k in scheduler_config}
+    key = ("vp", _key(cfg))
+    if key not in _CACHE:
+        ac = DDPMScheduler(**cfg).alphas_cumprod.double()
+        path = VP(ac.numpy(), name="vp")
+        for name in ("vp-scaled-linear", "vp-linear", "vp-cosine"):
+            named = get_path(name, T=len(ac))
+            if torch.equal(named.alphas_cumprod, ac):
+                path = named
+                break
+        _CACHE[key] = path
+    return _CACHE[key]
 
 
 def _flux_mu(scheduler_config, image_seq_len: int) -> float:
@@ -266,14 +280,18 @@ def pipeline_grid(pipe, steps: int, height: int | None = None, width: int | None
     steer times it steps through (``scheduler_levels``) on ``path`` (default: the pipeline Denoiser's)."""
     family = _family(pipe)
     height, width = _size(pipe, family, height, width)
+    path = path if path is not None else denoiser(pipe, height, width).path
     kwargs = _set_timesteps_kwargs(pipe, family, steps, _latent_shape(pipe, family, 1, height, width))
-    sch = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    if "sigmas" in kwargs:
-        sch.set_timesteps(**kwargs)
-    else:
-        sch.set_timesteps(steps, **kwargs)
-    _, grid = scheduler_levels(sch, path if path is not None else denoiser(pipe, height, width).path)
-    return sch, grid
+    key = ("grid", type(pipe.scheduler).__name__, _key(pipe.scheduler.config), steps, repr(kwargs), repr(path))
+    if key not in _CACHE:
+        sch = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        if "sigmas" in kwargs:
+            sch.set_timesteps(**kwargs)
+        else:
+            sch.set_timesteps(steps, **kwargs)
+        _CACHE[key] = sch, scheduler_levels(sch, path)[1]
+    sch, grid = _CACHE[key]
+    return sch, grid.clone()
 
 
 def matched_solver(scheduler) -> str:
