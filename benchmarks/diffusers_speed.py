@@ -143,23 +143,25 @@ def run(pipe, batches, steps: int, repeats: int, height: int, width: int) -> tup
                 m_s, m_d = max(m_s, ms), max(m_d, md)
             s, d = statistics.median(t_s) / batch, statistics.median(t_d) / batch
             results.append({"row": name, "batch": batch, "nfe": nfe_step * steps, "steer": s, "diffusers": d,
+                            "min_steer": min(t_s) / batch, "min_diffusers": min(t_d) / batch,
                             "mem_steer": m_s, "mem_diffusers": m_d})
             mem = f"  memory ×{m_s / m_d:.3f}" if m_d else ""
-            print(f"{name:<10} batch {batch}: steer {s:.4f} s/image, diffusers {d:.4f} s/image, ×{s / d:.3f}{mem}",
-                  flush=True)
+            print(f"{name:<10} batch {batch}: steer {s:.4f} s/image, diffusers {d:.4f} s/image, ×{s / d:.3f} "
+                  f"(fastest runs ×{min(t_s) / min(t_d):.3f}){mem}", flush=True)
     return results, note
 
 
 def table(results, gpu: bool) -> str:
-    head = "| guidance | batch | NFE / image | steer s/image | diffusers s/image | steer / diffusers |"
-    sep = "|---|---|---|---|---|---|"
+    head = ("| guidance | batch | NFE / image | steer s/image | diffusers s/image | steer / diffusers | "
+            "fastest runs: steer / diffusers |")
+    sep = "|---|---|---|---|---|---|---|"
     if gpu:
         head += " steer peak GiB | diffusers peak GiB | memory ratio |"
         sep += "---|---|---|"
     lines = [head, sep]
     for r in results:
         line = (f"| {r['row']} | {r['batch']} | {r['nfe']} | {r['steer']:.4f} | {r['diffusers']:.4f} | "
-                f"{r['steer'] / r['diffusers']:.3f} |")
+                f"{r['steer'] / r['diffusers']:.3f} | {r['min_steer'] / r['min_diffusers']:.3f} |")
         if gpu:
             line += (f" {r['mem_steer'] / 2**30:.2f} | {r['mem_diffusers'] / 2**30:.2f} | "
                      f"{r['mem_steer'] / r['mem_diffusers']:.3f} |")
@@ -209,7 +211,8 @@ def main():
     text = (f"# steer vs the diffusers pipeline: seconds per image at equal NFE\n\n"
             f"{date} · {device} · torch {torch.__version__} · diffusers {diffusers.__version__}\n\n"
             f"Model: {what}; {steps} DPM-Solver++(2M) steps (steer dpmpp_2m on the pipeline's own grid), prompt to "
-            f"final latents, median of {args.repeats} runs per side after a warm-up, the sides alternating. APG's "
+            f"final latents, median of {args.repeats} runs per side after a warm-up, the sides alternating (and "
+            f"the ratio of each side's fastest run, less sensitive to other load on a shared machine). APG's "
             f"pipeline column is the pipeline's CFG at the same NFE (the standard pipelines have no APG).\n\n"
             f"{table(results, gpu)}\n")
     if note:
