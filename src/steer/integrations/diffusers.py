@@ -162,9 +162,9 @@ class DiffusersDenoiser(torch.nn.Module):
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The network's timestep at steer time ``t`` (see the module docstring's table)."""
-        if self.family in ("sd", "sdxl"):
-            return (t.double() * self.path.T - 1).float()
-        return (t.float() * 1000).float()  # flow: diffusers' timesteps are sigmas·1000 in float32
+        if self.family in ("sd", "sdxl"):  # in t's dtype (no float64 on every device); float32 t is exact to 6e-5
+            return (t * self.path.T - 1).float()
+        return t.float() * 1000  # flow: diffusers' timesteps are sigmas·1000 in float32
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         if not isinstance(cond, dict) or "encoder_hidden_states" not in cond:
