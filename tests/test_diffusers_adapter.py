@@ -5,8 +5,9 @@ and by ``steer.integrations.diffusers.sample`` from the same latents.
 
 Differential tests: steer's ``cfg`` with the solver matching the pipeline's scheduler (ddim ↔ DDIMScheduler, euler
 ↔ EulerDiscreteScheduler, dpmpp_2m ↔ DPMSolverMultistepScheduler, flow euler ↔ FlowMatchEulerDiscreteScheduler)
-reproduces the pipeline's own output to 1e-4 (max abs over latents of size ~20 for the random UNets, so about 1e-6
-relative: float32 rounding), for SD-style ε, v-prediction, SDXL, SD3 and guidance-distilled Flux with true CFG.
+reproduces the pipeline's own output to 1e-4 (max abs; the random UNets' latents reach magnitudes of ~50, and the
+measured differences, 1e-6 to 4e-5, are float32 rounding), for SD-style ε, v-prediction, SDXL, SD3 and
+guidance-distilled Flux with true CFG.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ CASES = [
     # kind, scheduler class, its config overrides, steer solver (None: matched to the scheduler), steps, CFG scale
     ("sd", "DDIMScheduler", {}, "ddim", 5, 7.5),
     ("sd", "DPMSolverMultistepScheduler", {}, "dpmpp_2m", 6, 7.5),
-    ("sd", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, "euler", 5, 7.5),
+    ("sd", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, "euler", 5, 5.0),
     ("sd-v", "DDIMScheduler", {}, None, 4, 5.0),
     ("sdxl", "EulerDiscreteScheduler", {}, "euler", 5, 5.0),
     ("sdxl", "DPMSolverMultistepScheduler", {}, "dpmpp_2m", 5, 5.0),
