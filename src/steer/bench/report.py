@@ -18,7 +18,7 @@ from ..spec import parse_spec
 from .metrics import METRICS, family, labels_for
 from .store import Store
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "claim_results"]
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22"]
@@ -139,9 +139,8 @@ def _front(cells: dict, metric: str) -> str | None:
     if len(pts) < 2:
         return None
     lower = metric in LOWER_IS_BETTER
-    ax = _Axes([p[0] for p in pts], [p[1] for p in pts],
-               f"{metric} vs accuracy ({'lower' if lower else 'higher'} {metric} and higher accuracy are better)",
-               "accuracy", metric)
+    ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs accuracy: the best trade-offs",
+               "accuracy (higher is better)", f"{metric} ({'lower' if lower else 'higher'} is better)")
     ax.points(pts, "#777", labels)
     front = _pareto(pts, lower)
     ax.line(front, "#d62728", "Pareto front", 0)
@@ -163,6 +162,51 @@ def _grid(out: Path, store: Store, key: str, row: dict) -> str | None:
     return name
 
 
+def claim_results(store: Store) -> list[dict]:
+    """Each registered claim with, per expectation, the method's and the baseline's metric over seeds and whether
+    the expectation holds; ``verdict`` is "reproduced", "not reproduced" or "incomplete" (cells missing)."""
+    from .config import Expect
+
+    rows = {r["key"]: r for r in store.rows()}
+    out = []
+    for claim in store.claims():
+        have = [[rows[k] for k in claim[side] if k in rows] for side in ("method_keys", "baseline_keys")]
+        checks = []
+        if all(len(h) == len(claim[side]) for h, side in zip(have, ("method_keys", "baseline_keys"))):
+            for e in claim["expect"]:
+                m, b = ([r["result"]["metrics"][e["metric"]] for r in h] for h in have)
+                checks.append({**e, "method": m, "baseline": b,
+                               "holds": Expect(**e).holds(statistics.fmean(m), statistics.fmean(b))})
+        verdict = ("incomplete" if not checks else "reproduced" if all(c["holds"] for c in checks)
+                   else "not reproduced")
+        nfe = [statistics.fmean(r["result"]["nfe"] for r in h) if h else None for h in have]
+        out.append({**claim, "checks": checks, "verdict": verdict, "nfe_used": nfe})
+    return out
+
+
+def _claims_table(results: list[dict]) -> str:
+    mark = {"reproduced": "✓ reproduced", "not reproduced": "✗ not reproduced", "incomplete": "… incomplete"}
+    body = ["<h2>Paper claims</h2><p>Each claim compared on a testbed: the method against a baseline (means over "
+            "seeds ± standard deviation). A claim is reproduced here when every expectation holds.</p>",
+            "<table><tr><th>paper</th><th>claim</th><th>testbed</th><th>method vs baseline (NFE / sample)</th>"
+            "<th>expected</th><th>measured: method · baseline</th><th>verdict</th></tr>"]
+    for c in results:
+        budget = f"{c['steps']} steps" if c.get("steps") else f"NFE ≤ {c['nfe']}"
+        solver = c["solver"] + (f" / {c['baseline_solver']}" if c.get("baseline_solver") else "")
+        nfe = " · ".join("–" if n is None else f"{n:.0f}" for n in c["nfe_used"])
+        expected = "<br>".join(f"{e['metric']} {e['relation']}" + (f" by {e['margin']:g}" if e["margin"] > 0 else
+                                                                 f" (slack {-e['margin']:g})" if e["margin"] else "")
+                               for e in c["expect"])
+        measured = "<br>".join(f"{'✓' if k['holds'] else '✗'} {k['metric']}: {_fmt(k['method'])} · "
+                               f"{_fmt(k['baseline'])}" for k in c["checks"]) or "–"
+        body.append(f'<tr class="{c["verdict"].replace(" ", "-")}"><td>{html.escape(c["paper"])}</td>'
+                    f"<td>{html.escape(c['claim'])}</td><td>{html.escape(c['model'])} · {html.escape(solver)} · "
+                    f"{budget}</td><td><code>{html.escape(c['method'])}</code> vs <code>"
+                    f"{html.escape(c['baseline'])}</code> ({nfe})</td><td>{expected}</td><td>{measured}</td>"
+                    f"<td>{mark[c['verdict']]}</td></tr>")
+    return "\n".join(body + ["</table>"])
+
+
 def write_report(db: "str | Path", out: "str | Path") -> Path:
     """Write ``out/index.html`` (and ``out/grids/*.png``) from the database ``db``; returns the index's path."""
     store = Store(db)
@@ -172,6 +216,9 @@ def write_report(db: "str | Path", out: "str | Path") -> Path:
     body = [f"<h1>steer benchmark report</h1><p>{len(rows)} cells from <code>{html.escape(str(db))}</code>. "
             "Values are means over seeds (± standard deviation where there are several). Metrics:</p><ul>"]
     body += [f"<li><b>{k}</b>: {html.escape(v[1])}</li>" for k, v in METRICS.items()] + ["</ul>"]
+    claims = claim_results(store)
+    if claims:
+        body.append(_claims_table(claims))
     for (model, solver, budget), cells in sorted(_group_cells(rows).items()):
         names = sorted({k for c in cells.values() for k in c["metrics"]})
         body.append(f"<h2>{html.escape(model)} · {html.escape(solver)} · {html.escape(budget)}</h2>")
@@ -209,13 +256,17 @@ body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
 .plots, .grids {{ display: flex; flex-wrap: wrap; gap: 12px; }} figure {{ margin: 0; }}
 figcaption {{ font-size: 12px; text-align: center; }}
+tr.reproduced td:last-child {{ background: #e3f4e1; }} tr.not-reproduced td:last-child {{ background: #fbe3e0; }}
 </style></head>
 <body>
 {chr(10).join(body)}
 <script>
-window.addEventListener("load", () => {{
-  const broken = [...document.images].filter(im => !(im.complete && im.naturalWidth > 0)).length;
-  document.body.dataset.check = broken ? `broken ${{broken}}` : `ok ${{document.images.length}}`;
+window.addEventListener("load", () => {{  // read by steer.bench.browser.check_page
+  const images = [...document.images], plots = [...document.querySelectorAll("svg")];
+  const broken = images.filter(im => !(im.complete && im.naturalWidth > 0)).length
+    + plots.filter(p => !(p.getBBox().width > 0)).length;
+  document.body.dataset.check = `${{broken ? "broken" : "ok"}} images=${{images.length}} plots=${{plots.length}} `
+    + `broken=${{broken}}`;
 }});
 </script>
 </body></html>
