@@ -9,6 +9,7 @@ cell's first seed (image models; pixels beyond the data range in colour). Plots 
 from __future__ import annotations
 
 import html
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -23,6 +24,7 @@ __all__ = ["write_report", "claim_results"]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22"]
 LOWER_IS_BETTER = {"fd", "saturation", "energy"}
+SCALE_FORM = {"cfgpp": "λ, not w"}  # methods whose scale is not the w-form guidance scale
 
 
 def _method_and_scale(spec: str) -> tuple[str, float | None]:
@@ -57,15 +59,17 @@ def _fmt(values: list[float]) -> str:
 
 
 class _Axes:
-    """A small SVG plot: linear axes fitted to the data, ticks, labels."""
+    """A small SVG plot: linear axes fitted to the data with round ticks, labels, a legend to the right."""
 
-    W, H, L, R, T, B = 420, 280, 56, 12, 24, 40
+    W, H, L, R, T, B = 400, 280, 56, 12, 24, 40
 
-    def __init__(self, xs, ys, title, xlabel, ylabel):
+    def __init__(self, xs, ys, title, xlabel, ylabel, legend: int = 0):
         self.x0, self.x1 = self._span(xs)
         self.y0, self.y1 = self._span(ys)
-        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.W}" height="{self.H}" '
-                      f'viewBox="0 0 {self.W} {self.H}" font-family="sans-serif" font-size="11">',
+        self.legend = legend  # width of the legend column, 0 for none
+        width = self.W + legend
+        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{self.H}" '
+                      f'viewBox="0 0 {width} {self.H}" font-family="sans-serif" font-size="11">',
                       f'<text x="{self.W / 2}" y="14" text-anchor="middle" font-weight="bold">{html.escape(title)}'
                       '</text>',
                       f'<rect x="{self.L}" y="{self.T}" width="{self.W - self.L - self.R}" '
@@ -73,17 +77,25 @@ class _Axes:
                       f'<text x="{self.W / 2}" y="{self.H - 6}" text-anchor="middle">{html.escape(xlabel)}</text>',
                       f'<text x="12" y="{self.H / 2}" text-anchor="middle" transform="rotate(-90 12 {self.H / 2})">'
                       f'{html.escape(ylabel)}</text>']
-        for i in range(5):
-            fx, fy = self.x0 + (self.x1 - self.x0) * i / 4, self.y0 + (self.y1 - self.y0) * i / 4
+        for fx in self._ticks(self.x0, self.x1):
             self.parts.append(f'<text x="{self.px(fx):.1f}" y="{self.H - self.B + 14}" text-anchor="middle">'
-                              f'{fx:.3g}</text>')
-            self.parts.append(f'<text x="{self.L - 4}" y="{self.py(fy) + 4:.1f}" text-anchor="end">{fy:.3g}</text>')
+                              f'{fx:.4g}</text>')
+        for fy in self._ticks(self.y0, self.y1):
+            self.parts.append(f'<text x="{self.L - 4}" y="{self.py(fy) + 4:.1f}" text-anchor="end">{fy:.4g}</text>')
 
     @staticmethod
     def _span(values):
         lo, hi = min(values), max(values)
         pad = (hi - lo) * 0.08 or max(abs(lo) * 0.1, 1e-3)
         return lo - pad, hi + pad
+
+    @staticmethod
+    def _ticks(lo, hi, n=4):
+        """Round tick values (1, 2 or 5 times a power of ten apart) inside [lo, hi]."""
+        raw = (hi - lo) / n
+        step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+        first = math.ceil(lo / step)
+        return [k * step for k in range(first, math.floor(hi / step) + 1)]
 
     def px(self, x):
         return self.L + (x - self.x0) / (self.x1 - self.x0) * (self.W - self.L - self.R)
@@ -95,8 +107,8 @@ class _Axes:
         path = " ".join(f"{self.px(x):.1f},{self.py(y):.1f}" for x, y in pts)
         self.parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         self.points(pts, colour)
-        self.parts.append(f'<text x="{self.L + 6}" y="{self.T + 14 + 13 * index}" fill="{colour}">'
-                          f'{html.escape(label)}</text>')
+        x, y = (self.W + 4, self.T + 10 + 13 * index) if self.legend else (self.L + 6, self.T + 14 + 13 * index)
+        self.parts.append(f'<text x="{x}" y="{y}" fill="{colour}">{html.escape(label)}</text>')
 
     def points(self, pts, colour, labels=None):
         for j, (x, y) in enumerate(pts):
@@ -124,9 +136,12 @@ def _curves(cells: dict, metric: str) -> str | None:
     if not lines:
         return None
     pts = [p for v in lines.values() for p in v]
-    ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs guidance scale", "scale (w-form)", metric)
+    labels = {m: m + (f" (x: {SCALE_FORM[m.split('(')[0]]})" if m.split("(")[0] in SCALE_FORM else "")
+              for m in lines}
+    ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs guidance scale", "scale (w-form)", metric,
+               legend=max(60, 7 * max(map(len, labels.values()))))
     for i, (method, v) in enumerate(sorted(lines.items())):
-        ax.line(v, COLOURS[i % len(COLOURS)], method, i)
+        ax.line(v, COLOURS[i % len(COLOURS)], labels[method], i)
     return ax.svg()
 
 
@@ -140,7 +155,7 @@ def _front(cells: dict, metric: str) -> str | None:
         return None
     lower = metric in LOWER_IS_BETTER
     ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs accuracy: the best trade-offs",
-               "accuracy (higher is better)", f"{metric} ({'lower' if lower else 'higher'} is better)")
+               "accuracy (higher is better)", f"{metric} ({'lower' if lower else 'higher'} is better)", legend=90)
     ax.points(pts, "#777", labels)
     front = _pareto(pts, lower)
     ax.line(front, "#d62728", "Pareto front", 0)
@@ -215,7 +230,8 @@ def write_report(db: "str | Path", out: "str | Path") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     body = [f"<h1>steer benchmark report</h1><p>{len(rows)} cells from <code>{html.escape(str(db))}</code>. "
             "Values are means over seeds (± standard deviation where there are several). Metrics:</p><ul>"]
-    body += [f"<li><b>{k}</b>: {html.escape(v[1])}</li>" for k, v in METRICS.items()] + ["</ul>"]
+    present = {k for r in rows for k in r["result"]["metrics"]}
+    body += [f"<li><b>{k}</b>: {html.escape(v[1])}</li>" for k, v in METRICS.items() if k in present] + ["</ul>"]
     claims = claim_results(store)
     if claims:
         body.append(_claims_table(claims))
