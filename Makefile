@@ -27,7 +27,7 @@ browser:
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
-	STEER_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	STEER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/solvers.py
