@@ -39,7 +39,9 @@ expect = [{ metric = "saturation", relation = "lower" },
 ```
 
 ``relation = "lower"`` holds when mean(method) < mean(baseline) − margin; ``"higher"`` when mean(method) >
-mean(baseline) + margin (means over the seeds; a negative margin allows that much slack).
+mean(baseline) + margin (means over the seeds; a negative margin allows that much slack). With two seeds or more, an
+expectation whose mean difference (beyond the margin) is within two standard errors of the difference is called
+inconclusive rather than held or failed.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Claim(BaseModel):
     baseline_solver: str | None = None  # default: solver
     steps: int | None = Field(default=None, ge=1)
     nfe: int | None = Field(default=None, ge=1)
+    samples: int | None = Field(default=None, ge=1)  # default: the sweep's
     method: str
     baseline: str
     expect: list[Expect] = Field(min_length=1)
@@ -256,7 +259,7 @@ def claim_cells(sweep: Sweep, claim: Claim) -> tuple[list[Cell], list[Cell]]:
     metrics = tuple(k for k, (fams, _) in METRICS.items() if family(claim.model) in fams)
 
     def one(spec, solver):
-        return [Cell(claim.model, solver, claim.steps, claim.nfe, spec, seed, sweep.samples, metrics)
+        return [Cell(claim.model, solver, claim.steps, claim.nfe, spec, seed, claim.samples or sweep.samples, metrics)
                 for seed in sweep.seeds]
 
     return one(claim.method, claim.solver), one(claim.baseline, claim.baseline_solver or claim.solver)

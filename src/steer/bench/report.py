@@ -179,7 +179,9 @@ def _grid(out: Path, store: Store, key: str, row: dict) -> str | None:
 
 def claim_results(store: Store) -> list[dict]:
     """Each registered claim with, per expectation, the method's and the baseline's metric over seeds and whether
-    the expectation holds; ``verdict`` is "reproduced", "not reproduced" or "incomplete" (cells missing)."""
+    the expectation holds and whether it is clear of seed noise (the mean difference beyond the margin exceeds two
+    standard errors); ``verdict`` is "reproduced" (every expectation holds clearly), "not reproduced" (one fails
+    clearly), "inconclusive" (otherwise) or "incomplete" (cells missing)."""
     from .config import Expect
 
     rows = {r["key"]: r for r in store.rows()}
@@ -190,19 +192,28 @@ def claim_results(store: Store) -> list[dict]:
         if all(len(h) == len(claim[side]) for h, side in zip(have, ("method_keys", "baseline_keys"))):
             for e in claim["expect"]:
                 m, b = ([r["result"]["metrics"][e["metric"]] for r in h] for h in have)
+                excess = (statistics.fmean(b) - statistics.fmean(m) if e["relation"] == "lower"
+                          else statistics.fmean(m) - statistics.fmean(b)) - e["margin"]
+                se = (math.sqrt(statistics.variance(m) / len(m) + statistics.variance(b) / len(b))
+                      if min(len(m), len(b)) > 1 else 0.0)
                 checks.append({**e, "method": m, "baseline": b,
-                               "holds": Expect(**e).holds(statistics.fmean(m), statistics.fmean(b))})
-        verdict = ("incomplete" if not checks else "reproduced" if all(c["holds"] for c in checks)
-                   else "not reproduced")
+                               "holds": Expect(**e).holds(statistics.fmean(m), statistics.fmean(b)),
+                               "clear": abs(excess) > 2 * se})
+        verdict = ("incomplete" if not checks
+                   else "reproduced" if all(c["holds"] and c["clear"] for c in checks)
+                   else "not reproduced" if any(not c["holds"] and c["clear"] for c in checks)
+                   else "inconclusive")
         nfe = [statistics.fmean(r["result"]["nfe"] for r in h) if h else None for h in have]
         out.append({**claim, "checks": checks, "verdict": verdict, "nfe_used": nfe})
     return out
 
 
 def _claims_table(results: list[dict]) -> str:
-    mark = {"reproduced": "✓ reproduced", "not reproduced": "✗ not reproduced", "incomplete": "… incomplete"}
+    mark = {"reproduced": "✓ reproduced", "not reproduced": "✗ not reproduced", "inconclusive": "~ within noise",
+            "incomplete": "… incomplete"}
     body = ["<h2>Paper claims</h2><p>Each claim compared on a testbed: the method against a baseline (means over "
-            "seeds ± standard deviation). A claim is reproduced here when every expectation holds.</p>",
+            "seeds ± standard deviation). A claim is reproduced here when every expectation holds by more than two "
+            "standard errors of the difference; within that it is called within noise.</p>",
             "<table><tr><th>paper</th><th>claim</th><th>testbed</th><th>method vs baseline (NFE / sample)</th>"
             "<th>expected</th><th>measured: method · baseline</th><th>verdict</th></tr>"]
     for c in results:
@@ -212,8 +223,8 @@ def _claims_table(results: list[dict]) -> str:
         expected = "<br>".join(f"{e['metric']} {e['relation']}" + (f" by {e['margin']:g}" if e["margin"] > 0 else
                                                                  f" (slack {-e['margin']:g})" if e["margin"] else "")
                                for e in c["expect"])
-        measured = "<br>".join(f"{'✓' if k['holds'] else '✗'} {k['metric']}: {_fmt(k['method'])} · "
-                               f"{_fmt(k['baseline'])}" for k in c["checks"]) or "–"
+        measured = "<br>".join(f"{'~' if not k['clear'] else '✓' if k['holds'] else '✗'} {k['metric']}: "
+                               f"{_fmt(k['method'])} · {_fmt(k['baseline'])}" for k in c["checks"]) or "–"
         body.append(f'<tr class="{c["verdict"].replace(" ", "-")}"><td>{html.escape(c["paper"])}</td>'
                     f"<td>{html.escape(c['claim'])}</td><td>{html.escape(c['model'])} · {html.escape(solver)} · "
                     f"{budget}</td><td><code>{html.escape(c['method'])}</code> vs <code>"
@@ -273,6 +284,7 @@ table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px soli
 .plots, .grids {{ display: flex; flex-wrap: wrap; gap: 12px; }} figure {{ margin: 0; }}
 figcaption {{ font-size: 12px; text-align: center; }}
 tr.reproduced td:last-child {{ background: #e3f4e1; }} tr.not-reproduced td:last-child {{ background: #fbe3e0; }}
+tr.inconclusive td:last-child {{ background: #f4f1dc; }}
 </style></head>
 <body>
 {chr(10).join(body)}
