@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Perturbation", "IdentityAttention", "SmoothedEnergy", "TokenShuffle", "SkipLayer", "NormalizedAttention",
-           "NormalizedCrossAttention", "RecordAttention", "AttentionSite",
+           "NormalizedCrossAttention", "RecordAttention", "AttentionSite", "CrossAttention",
            "BlockSite", "SelfAttention", "perturb", "select_sites"]
 
 
@@ -170,6 +170,7 @@ class NormalizedCrossAttention(Perturbation):
     name = "normalized_cross_attention"
     needs_reference = True
     roles = ("cross", "joint", "single")
+    hint = "; models without cross-attention (the digits testbed) take nag_comfy, ComfyUI's self-attention variant"
 
     def __init__(self, layers=None, scale: float = 5.0, tau: float = 2.5, alpha: float | None = None,
                  norm: str | None = None):
@@ -225,7 +226,13 @@ class AttentionSite(_Site):
         for start, stop, p, *ref in self.hooks:
             if not p.enabled:
                 continue
-            if ref:  # NAG: blend with the reference rows' outputs (heads merged into the feature dim per token)
+            if isinstance(p, NormalizedCrossAttention):  # official NAG: same queries, the reference rows' keys/values
+                r0, r1 = ref[0]
+                zn = F.scaled_dot_product_attention(q[start:stop], k[r0:r1], v[r0:r1]).transpose(1, 2)
+                zp = clean[start:stop].transpose(1, 2)
+                blended = p.blend(zp.flatten(2), zn.flatten(2), getattr(self, "role", "self"))
+                out[start:stop] = blended.reshape(zp.shape).transpose(1, 2)
+            elif ref:  # NAG (ComfyUI): blend with the reference rows' outputs (heads merged into features per token)
                 r0, r1 = ref[0]
                 zp, zn = clean[start:stop].transpose(1, 2), clean[r0:r1].transpose(1, 2)
                 shape = zp.shape
@@ -251,6 +258,26 @@ class SelfAttention(AttentionSite):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         out = self.attend(q, k, v, grid)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(AttentionSite):
+    """Multi-head cross-attention (a hookable site of role ``cross``): queries from tokens [B, N, D], keys and values
+    from a context [B, M, C]."""
+
+    role = "cross"
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(context_dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        b, n, d = x.shape
+        q = self.q(x).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, -1, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(q, k, v, None).transpose(1, 2).reshape(b, n, d))
 
 
 class BlockSite(_Site):
@@ -283,7 +310,8 @@ def select_sites(model, perturbation: Perturbation) -> dict[str, _Site]:
     what = f"{perturbation.site_kind} site"
     roles = f" (roles {', '.join(perturbation.roles)})" if attention else ""
     if not sites:
-        raise ValueError(f"{perturbation!r}: {type(model).__name__} has no {what}s{roles}")
+        hint = getattr(perturbation, "hint", "")
+        raise ValueError(f"{perturbation!r}: {type(model).__name__} has no {what}s{roles}{hint}")
     names = list(sites)
     if perturbation.layers is None:  # the middle block: the model's choice (a UNet's mid_block), else the middle one
         middle = [n for n in getattr(every, "middle", {}).get(perturbation.site_kind, []) if n in sites]
