@@ -436,6 +436,62 @@ def test_sd3_skip_layer_passes_both_streams_through_and_the_last_block_returns_n
     assert torch.allclose(got[1:], expect[1:], atol=1e-6) and (got[1:] - plain[1:]).abs().max() > 1e-3
 
 
+def _sd3_qkv(attn, h, e):
+    """SD3 joint attention's queries, keys and values over [image, text], with qk-norm (written out)."""
+    b = h.shape[0]
+    split = lambda z: z.view(b, -1, attn.heads, z.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+    q, k, v = (split(f(h)) for f in (attn.to_q, attn.to_k, attn.to_v))
+    eq, ek, ev = (split(f(e)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    q, k, eq, ek = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(eq), attn.norm_added_k(ek)
+    return torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2)
+
+
+def test_sd3_nag_and_sag_at_the_joint_attention():
+    """NAG in joint attention: the positive row's image queries against [its image keys/values, the negative row's
+    text keys/values], L2 blend with α = 0.25 (the official Flux processor's choice), image tokens only; SAG's
+    recorded maps are the image×image block of the joint softmax, and recording leaves the output as it was."""
+    net = tiny_sd3()
+    attn = net.transformer_blocks[1].attn
+    attention_sites(net)
+    site = net.__dict__["_steer_sites"]["transformer_blocks.1.attn"]
+    gen = torch.Generator().manual_seed(8)
+    h, e = torch.randn(2, 16, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
+    phi, tau = 4.0, 2.5
+    with torch.no_grad():
+        img0, txt0 = attn(hidden_states=h, encoder_hidden_states=e)
+        site.hooks.append((0, 1, hooks.NormalizedCrossAttention(None, phi, tau), (1, 2)))
+        img1, txt1 = attn(hidden_states=h, encoder_hidden_states=e)
+        site.hooks.clear()
+        rec = hooks.RecordAttention()
+        site.hooks.append((1, 2, rec))
+        img2, txt2 = attn(hidden_states=h, encoder_hidden_states=e)
+        site.hooks.clear()
+        q, k, v = _sd3_qkv(attn, h, e)
+        zp = F.scaled_dot_product_attention(q[:1], k[:1], v[:1])[:, :, :16].transpose(1, 2).flatten(2)
+        kn, vn = torch.cat([k[:1, :, :16], k[1:, :, 16:]], 2), torch.cat([v[:1, :, :16], v[1:, :, 16:]], 2)
+        zn = F.scaled_dot_product_attention(q[:1, :, :16], kn, vn).transpose(1, 2).flatten(2)
+        zt = phi * zp - (phi - 1) * zn
+        rho = zt.norm(dim=-1, keepdim=True) / zp.norm(dim=-1, keepdim=True)
+        expect = attn.to_out[0](0.25 * zt * torch.clamp(rho, max=tau) / rho + 0.75 * zp)
+        maps = torch.softmax(q[1:] @ k[1:].transpose(-1, -2) / math.sqrt(8), -1)[..., :16, :16]
+    assert torch.allclose(img1[0], expect[0], atol=1e-5) and (img1[0] - img0[0]).abs().max() > 1e-3
+    assert torch.equal(txt1, txt0) and torch.equal(img1[1], img0[1])  # text outputs and the negative row: as before
+    assert torch.allclose(rec.maps, maps, atol=1e-6) and rec.maps.shape == (1, 2, 16, 16)
+    assert torch.equal(img2, img0) and torch.equal(txt2, txt0)
+
+
+def test_nag_outside_its_interval_leaves_the_conditional_branch_clean():
+    unet = tiny_unet()
+    den = UNetDenoiser(unet)
+    x, t, text = unet_inputs(b=2)
+    kw = dict(noise=x[:1], cond=text[:1], uncond=text[1:], solver="ddim", timesteps=[0.6, 0.3])
+    plain = steer.sample(den, guidance="cfg(scale=3)", **kw)
+    off = steer.sample(den, guidance="cfg(scale=3) + nag(scale=4, sigma_hi=0.1)", return_info=True, **kw)
+    assert torch.allclose(off.x, plain, atol=1e-6) and off.nfe == 2  # (a stack's sum rounds differently: 1e-7)
+    on = steer.sample(den, guidance="cfg(scale=3) + nag(scale=4)", **kw)
+    assert (on - plain).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Flux: double- and single-stream sites
 
