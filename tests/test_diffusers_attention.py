@@ -504,10 +504,12 @@ def flux_call(net, x, t, text, pooled):
                txt_ids=txt_ids, return_dict=False)[0]
 
 
+@pytest.mark.parametrize("mode", ["seg", "pag"])
 @pytest.mark.parametrize("layer", ["transformer_blocks.0.attn", "single_transformer_blocks.1.attn"])
-def test_flux_seg_blurs_the_image_tokens_of_double_and_single_stream_attention(layer):
-    """SEG at σ = ∞ on Flux: the image queries (after the [text] part, whose length a single-stream block learns from
-    its call) become their mean; compared with the processor's own math redone by hand on a copy."""
+def test_flux_seg_and_pag_act_on_the_image_tokens_of_double_and_single_stream_attention(layer, mode):
+    """Flux orders tokens [text, image] (a single-stream block learns the text length from its call). SEG at σ = ∞:
+    the image queries become their mean; PAG: the image→image block of the attention is the identity (masked, as the
+    PAG authors' SD3 code); both compared with Flux's own processor with the change made by hand on a copy."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     net = tiny_flux()
@@ -525,9 +527,18 @@ def test_flux_seg_blurs_the_image_tokens_of_double_and_single_stream_attention(l
             real = F.scaled_dot_product_attention
 
             def sdpa(query, key, value, **kw):
-                query = query.clone()
-                query[2:3, :, -n_img:] = query[2:3, :, -n_img:].mean(dim=2, keepdim=True)
-                return real(query, key, value, **kw)
+                out = real(query, key, value, **kw)
+                if mode == "seg":
+                    query = query.clone()
+                    query[2:3, :, -n_img:] = query[2:3, :, -n_img:].mean(dim=2, keepdim=True)
+                    out[2:3] = real(query[2:3], key[2:3], value[2:3], **kw)
+                else:
+                    n = query.shape[2]
+                    mask = torch.zeros(n, n)
+                    mask[-n_img:, -n_img:] = -math.inf
+                    mask[-n_img:, -n_img:].fill_diagonal_(0)
+                    out[2:3] = real(query[2:3], key[2:3], value[2:3], attn_mask=mask)
+                return out
 
             F.scaled_dot_product_attention = sdpa
             try:
@@ -539,7 +550,8 @@ def test_flux_seg_blurs_the_image_tokens_of_double_and_single_stream_attention(l
     with torch.no_grad():
         expect = flux_call(ref, x, t, text, pooled)
         with hooks.perturb(type("D", (), {"sites": lambda self: attention_sites(net)})(),
-                           {(2, 3): hooks.SmoothedEnergy(layer, math.inf)}):
+                           {(2, 3): hooks.SmoothedEnergy(layer, math.inf) if mode == "seg"
+                            else hooks.IdentityAttention(layer)}):
             got = flux_call(net, x, t, text, pooled)
         plain = flux_call(net, x, t, text, pooled)
     assert torch.allclose(got, expect, atol=1e-5), (got - expect).abs().max()
