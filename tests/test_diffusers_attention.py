@@ -558,6 +558,90 @@ def test_flux_seg_and_pag_act_on_the_image_tokens_of_double_and_single_stream_at
     assert torch.equal(got[:2], plain[:2]) and (got[2] - plain[2]).abs().max() > 1e-4
 
 
+class OfficialFluxNAG:
+    """The official Flux NAG processor (ChenDarYen/Normalized-Attention-Guidance, NAGFluxAttnProcessor2_0), written
+    out: double-stream calls get one image row and two text rows [positive, negative] — the image queries/keys/values
+    are tiled onto the negative text; single-stream calls get two rows [positive, negative] of [text, image]; both
+    halves attend on their own; the positive image output becomes the L2-normalised extrapolation (and, in single
+    stream, so does the negative half's)."""
+
+    def __init__(self, phi, tau, alpha, text_len):
+        self.phi, self.tau, self.alpha, self.text_len = phi, tau, alpha, text_len
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        split = lambda z: z.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # noqa: E731
+        q, k, v = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if encoder_hidden_states is not None:
+            q, k, v = (z.repeat(2, 1, 1, 1) for z in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        n = self.text_len
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], 2), torch.cat([ek, k], 2), torch.cat([ev, v], 2)
+            n = encoder_hidden_states.shape[1]
+        q, k = apply_rotary_emb(q, image_rotary_emb), apply_rotary_emb(k, image_rotary_emb)
+        o = q.shape[0] // 2
+        zp = F.scaled_dot_product_attention(q[:o], k[:o], v[:o]).transpose(1, 2).flatten(2)
+        zn = F.scaled_dot_product_attention(q[o:], k[o:], v[o:]).transpose(1, 2).flatten(2)
+        ip, ineg = zp[:, n:], zn[:, n:]
+        guided = ip * self.phi - ineg * (self.phi - 1)
+        ratio = guided.norm(dim=-1, keepdim=True) / ip.norm(dim=-1, keepdim=True)
+        guided = guided * torch.minimum(ratio, torch.full_like(ratio, self.tau)) / ratio
+        guided = guided * self.alpha + ip * (1 - self.alpha)
+        if encoder_hidden_states is not None:
+            return attn.to_out[0](guided), attn.to_add_out(torch.cat([zp[:, :n], zn[:, :n]]))
+        zp[:, n:], zn[:, n:] = guided, guided
+        return torch.cat([zp, zn])
+
+
+def official_flux_nag(ref, x, t, text, pooled, phi, tau, alpha):
+    """The official NAG Flux transformer's forward (its transformer_flux.py), written out: the image stream has the
+    positive row only in the double-stream blocks (its modulation truncated to that row), the text stream both
+    prompts; the image tokens are tiled into both rows before the single-stream blocks; the positive row is kept."""
+    ref.set_attn_processor(OfficialFluxNAG(phi, tau, alpha, text.shape[1]))
+    for blk in ref.transformer_blocks:
+        norm1 = blk.norm1.forward
+        blk.norm1.forward = lambda h, emb=None, norm1=norm1, **kw: norm1(h, emb=emb[:h.shape[0]], **kw)
+    txt_ids = torch.zeros(text.shape[1], 3)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
+                          -1).reshape(-1, 3)
+    h = ref.x_embedder(x[:1])
+    temb = ref.time_text_embed(t * 1000, pooled)
+    e = ref.context_embedder(text)
+    rope = ref.pos_embed(torch.cat([txt_ids, img_ids]))
+    for blk in ref.transformer_blocks:
+        e, h = blk(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+    h = h.repeat(2, 1, 1)
+    for blk in ref.single_transformer_blocks:
+        e, h = blk(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+    return ref.proj_out(ref.norm_out(h[:1], temb[:1]))
+
+
+def test_flux_nag_with_its_own_negative_stream_equals_the_official_flux_code():
+    net = tiny_flux()
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 16, 16, generator=gen).repeat(2, 1, 1)
+    text, pooled, t = torch.randn(2, 6, 24, generator=gen), torch.randn(2, 12, generator=gen), torch.full((2,), 0.7)
+    phi, tau = 4.0, 2.5
+    ref = copy.deepcopy(net)
+    den = type("D", (), {"sites": lambda self: attention_sites(net)})()
+    with torch.no_grad():
+        expect = official_flux_nag(ref, x, t, text, pooled, phi, tau, 0.25)
+        own = hooks.NormalizedCrossAttention("*", phi, tau, own_negative=True)
+        with hooks.perturb(den, {(0, 1): own}, {(0, 1): (1, 2)}):  # rows [positive (NAG), its negative stream]
+            got = flux_call(net, x, t, text, pooled)
+        with hooks.perturb(den, {(0, 1): hooks.NormalizedCrossAttention("*", phi, tau)}, {(0, 1): (1, 2)}):
+            shared = flux_call(net, x, t, text, pooled)
+        plain = flux_call(net, x, t, text, pooled)
+    assert torch.allclose(got[0], expect[0], atol=1e-5), (got[0] - expect[0]).abs().max()
+    assert (got[0] - plain[0]).abs().max() > 1e-2
+    # the default reads the negative text stream from rows that keep their own image tokens: a documented deviation
+    assert (shared[0] - expect[0]).abs().max() > 1e-4 and torch.equal(shared[1], plain[1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers 0.42.1 defects, reproduced as recorded deviations
 

@@ -63,7 +63,8 @@ CASES = {
     "tpg": [dict(scale=3.0, layers=["blocks.1"], seed=7)],
     "slg": [dict(scale=2.5, layers=["blocks.1", "blocks.2"])],
     "autoguidance": [dict(scale=1.8, guide="flow-weak")],
-    "nag": [dict(scale=4.0, tau=2.0, alpha=0.25, norm="l2", layers=["*.attn2", 3], use_negative=True)],
+    "nag": [dict(scale=4.0, tau=2.0, alpha=0.25, norm="l2", layers=["*.attn2", 3], use_negative=True,
+                 own_negative=True)],
     "nag_comfy": [dict(scale=4.0, tau=2.0, alpha=0.25, layers=["blocks.0.attn"], use_negative=True)],
     "sag": [dict(scale=1.5, blur_sigma=2.0, layers="blocks.1.attn", source="cond")],
 }

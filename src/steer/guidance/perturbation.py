@@ -150,25 +150,32 @@ class NAG(Term):
     pipeline; the paper's L1), L2 with α = 0.25 in joint attention (``NAGFluxAttnProcessor2_0``). Layers: every
     cross-attention / joint-attention layer (the official pipelines patch all of them).
     Joint attention (SD3, Flux): ``Z⁻`` uses the negative rows' text keys/values with the positive rows' image
-    keys/values; the negative text stream is that of the negative branch itself (its own image tokens), where the
-    official Flux code runs the negative text stream beside the NAG-guided image tokens — a documented deviation.
+    keys/values. By default the negative text stream is the unconditional branch's own (beside its own image tokens,
+    so CFG can share those rows); ``own_negative=True`` gives NAG negative rows of its own that follow the official
+    Flux code exactly (``NAGFluxAttnProcessor2_0`` and its transformer): their text attends to the NAG-guided image
+    tokens, they enter the single-stream blocks with the guided image tokens, and their single-stream image outputs
+    are the guided ones (one more row when CFG also runs; UNet cross-attention is the same either way).
     Models without cross-attention (the digits testbed) need ``nag_comfy``."""
 
     name, neg, space = "nag", "nag", "x0"
 
     def __init__(self, scale: float = 5.0, tau: float = 2.5, alpha: float | None = None, norm: str | None = None,
-                 layers=None, use_negative: bool = False, **kwargs):
+                 layers=None, use_negative: bool = False, own_negative: bool = False, **kwargs):
         super().__init__(scale, **kwargs)
-        self.perturbation = hooks.NormalizedCrossAttention(layers or "*", scale, tau, alpha, norm)
+        self.perturbation = hooks.NormalizedCrossAttention(layers or "*", scale, tau, alpha, norm, own_negative)
         self.ref = "negative" if use_negative else "uncond"
+        self.rows = "nag_negative" if own_negative else self.ref
         self._layers = layers
 
     def branch_specs(self):
-        return {"cond": Branch("cond", self.perturbation, None, self.ref)}
+        specs = {"cond": Branch("cond", self.perturbation, None, self.rows)}
+        if self.rows != self.ref:
+            specs[self.rows] = Branch(self.ref)
+        return specs
 
     def branches(self, ctx):
         self.perturbation.enabled = on = self.active(ctx)
-        return ("cond", self.ref) if on else ("cond",)
+        return ("cond", self.rows) if on else ("cond",)
 
     def combine(self, preds, ctx):
         return preds["cond"]
@@ -176,7 +183,8 @@ class NAG(Term):
     def options(self):
         p = self.perturbation
         return {**super().options(), "tau": p.tau, "alpha": p.alpha, "norm": p.norm,
-                "layers": None if self._layers is None else _layers(p), "use_negative": self.ref == "negative"}
+                "layers": None if self._layers is None else _layers(p), "use_negative": self.ref == "negative",
+                "own_negative": p.own_negative}
 
 
 class NAGComfy(Term):
@@ -290,8 +298,8 @@ def _gaussian_blur(x, sigma: float, size: int = 9):
           defaults_source="φ = 5: official README; τ = 2.5 and, per layer, L1/α = 0.5 (UNet cross-attention) or "
                           "L2/α = 0.25 (joint attention): official code; all cross/joint attention layers")
 def nag(scale: float = 5.0, tau: float = 2.5, alpha: float | None = None, norm: str | None = None,
-        layers: Layers = None, use_negative: bool = False, **kwargs) -> NAG:
-    return NAG(scale, tau, alpha, norm, layers, use_negative, **kwargs)
+        layers: Layers = None, use_negative: bool = False, own_negative: bool = False, **kwargs) -> NAG:
+    return NAG(scale, tau, alpha, norm, layers, use_negative, own_negative, **kwargs)
 
 
 @register("nag_comfy", family="perturbation",

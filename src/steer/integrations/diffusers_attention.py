@@ -97,6 +97,9 @@ def attention_sites(module) -> Sites:
     if not sites:
         raise ValueError(f"{type(module).__name__} has no diffusers transformer blocks (BasicTransformerBlock, "
                          "JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock) to hook")
+    singles = [b for b in blocks if b.kind == "flux_single"]
+    if singles:
+        singles[0].first_single = True
     _install_grid_capture(module, sites)
     attn_names = [n for n, s in sites.items() if isinstance(s, hooks.AttentionSite)]
     sites.middle = {"attention": [n for n in attn_names if n.startswith("mid_block.") and n.endswith(".attn1")],
@@ -316,7 +319,9 @@ def _perturb_rows(site, layout, q, k, v, call, clean):
             out[rows] = F.scaled_dot_product_attention(qr, k[rows], v[rows], **rcall)
         elif isinstance(p, hooks.NormalizedCrossAttention):
             refrows = slice(*ref[0])
-            out[rows] = _nag(p, site.role, q[rows], k, v, rows, refrows, img, txt, call, clean, batch)
+            out[rows], neg = _nag(p, site.role, q, k, v, rows, refrows, img, txt, call, clean, batch)
+            if neg is not None:
+                out[refrows] = neg
         elif isinstance(p, hooks.NormalizedAttention):  # ComfyUI's variant: blend the two rows' outputs (image part)
             refrows = slice(*ref[0])
             zp, zn = clean[rows][:, :, img], clean[refrows][:, :, img]
@@ -366,21 +371,40 @@ def _identity(q, k, v, call, role, img):
     return F.scaled_dot_product_attention(q, k, v, **dict(call, attn_mask=_add_mask(call.get("attn_mask"), mask)))
 
 
-def _nag(p, role, qp, k, v, rows, refrows, img, txt, call, clean, batch):
+def _nag(p, role, q, k, v, rows, refrows, img, txt, call, clean, batch):
     """NAG (official): ``Z⁺`` the positive rows' attention; ``Z⁻`` the same image queries against the negative rows'
-    text keys/values (cross-attention: all keys/values; joint attention: the text part, image keys/values kept)."""
+    keys/values (cross-attention: all of them; joint attention: the text part, the positive rows' image keys/values
+    kept). Returns the positive rows' output and, with ``p.own_negative`` on joint attention, the negative rows' (the
+    official Flux code: the negative text stream attends to the positive image tokens; in single-stream attention
+    the negative rows attend on their own and both rows' image outputs are the guided ones)."""
     zp = clean[rows]
-    if role == "cross":
-        kn, vn = k[refrows], v[refrows]
+    own = p.own_negative and role != "cross"
+    if role == "single" and own:
+        zn = clean[refrows]
     else:
-        kn, vn = k[rows].clone(), v[rows].clone()
-        kn[:, :, txt], vn[:, :, txt] = k[refrows][:, :, txt], v[refrows][:, :, txt]
-    mask = _rows_mask(call.get("attn_mask"), refrows if role == "cross" else rows, batch)
-    zn = F.scaled_dot_product_attention(qp[:, :, img], kn, vn, **dict(call, attn_mask=_mask_queries(mask, img)))
+        if role == "cross":
+            kn, vn = k[refrows], v[refrows]
+        else:
+            kn, vn = k[rows].clone(), v[rows].clone()
+            kn[:, :, txt], vn[:, :, txt] = k[refrows][:, :, txt], v[refrows][:, :, txt]
+        qn = q[rows][:, :, img]
+        if own:  # the negative text queries too: the negative stream's text attends to [its text, positive image]
+            qn = q[rows].clone()
+            qn[:, :, txt] = q[refrows][:, :, txt]
+        mask = _rows_mask(call.get("attn_mask"), refrows if role == "cross" else rows, batch)
+        zn = F.scaled_dot_product_attention(qn, kn, vn, **dict(call, attn_mask=mask if own else _mask_queries(mask,
+                                                                                                            img)))
+    zni = zn[:, :, img] if own else zn
     out = zp.clone()
     zpi = zp[:, :, img]
-    out[:, :, img] = _split(p.blend(_merge(zpi), _merge(zn), role), zpi.shape)
-    return out
+    out[:, :, img] = _split(p.blend(_merge(zpi), _merge(zni), role), zpi.shape)
+    if not own:
+        return out, None
+    neg = zn.clone() if role == "single" else clean[refrows].clone()
+    if role != "single":
+        neg[:, :, txt] = zn[:, :, txt]
+    neg[:, :, img] = out[:, :, img]
+    return out, neg
 
 
 def _mask_queries(mask, img):
@@ -407,6 +431,7 @@ class DiffusersBlockSite(hooks.BlockSite):
         super().__init__()
         object.__setattr__(self, "module", module)
         self.name, self.kind, self.attention = name, kind, []
+        self.first_single = False
         module.__dict__["_steer_site"] = self
         module.forward = types.MethodType(_block_forward, module)
 
@@ -427,6 +452,8 @@ def _block_forward(module, *args, **kwargs):
         ehs = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
         for s in self.attention:
             s.text_len = None if ehs is None else ehs.shape[1]
+        if self.first_single:  # NAG with its own negative stream: it enters the single blocks with the guided image
+            args, kwargs = _nag_transition(self, args, kwargs)
     if not self.hooks or not any(getattr(h[2], "enabled", True) for h in self.hooks):
         return inner(module, *args, **kwargs)
     arguments = dict(inspect.signature(inner).bind(module, *args, **kwargs).arguments)
@@ -446,6 +473,17 @@ def _block_forward(module, *args, **kwargs):
             if isinstance(r, torch.Tensor):
                 out[i][start:stop] = r
     return tuple(out) if isinstance(clean, tuple) else out[0]
+
+
+def _nag_transition(self, args, kwargs):
+    own = [h for s in self.attention for h in s.hooks
+           if isinstance(h[2], hooks.NormalizedCrossAttention) and h[2].enabled and h[2].own_negative]
+    if not own:
+        return args, kwargs
+    hs = (args[0] if args else kwargs["hidden_states"]).clone()
+    for start, stop, _, (r0, r1) in own:
+        hs[r0:r1] = hs[start:stop]
+    return ((hs, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=hs))
 
 
 def _take_rows(a, start, stop, batch):

@@ -173,8 +173,9 @@ class NormalizedCrossAttention(Perturbation):
     hint = "; models without cross-attention (the digits testbed) take nag_comfy, ComfyUI's self-attention variant"
 
     def __init__(self, layers=None, scale: float = 5.0, tau: float = 2.5, alpha: float | None = None,
-                 norm: str | None = None):
+                 norm: str | None = None, own_negative: bool = False):
         super().__init__(layers)
+        self.own_negative = bool(own_negative)  # joint attention: the reference rows are NAG's own negative stream
         if norm not in (None, "l1", "l2"):
             raise ValueError(f"nag: norm must be 'l1', 'l2' or None (the official choice per architecture), "
                              f"got {norm!r}")
