@@ -419,6 +419,25 @@ def test_sd3_pag_text_outputs_unchanged_and_whole_sequence_identity_differs():
     assert (img1[1] - img0[1]).abs().max() > 1e-2
 
 
+def test_sd3_tpg_shuffles_the_image_tokens_entering_a_joint_block():
+    net = tiny_sd3()
+    den = SD3Denoiser(net)
+    x, t, cond = sd3_inputs()
+    ref = copy.deepcopy(net)
+    block = ref.transformer_blocks[1]
+    inner = block.forward
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(2))
+    block.forward = lambda hidden_states, encoder_hidden_states, temb, **kw: inner(
+        hidden_states[:, perm], encoder_hidden_states, temb, **kw)
+    with torch.no_grad():
+        expect = SD3Denoiser(ref)(x, t, cond)
+        with hooks.perturb(den, {(1, 3): hooks.TokenShuffle("transformer_blocks.1", seed=2)}):
+            got = den(x, t, cond)
+        plain = den(x, t, cond)
+    assert torch.equal(got[:1], plain[:1])
+    assert torch.allclose(got[1:], expect[1:], atol=1e-5) and (got[1:] - plain[1:]).abs().max() > 1e-3
+
+
 def test_sd3_skip_layer_passes_both_streams_through_and_the_last_block_returns_none():
     net = tiny_sd3()
     den = SD3Denoiser(net)
