@@ -116,6 +116,15 @@ def test_layers_lists_names_roles_grids_and_the_middle_block_is_mid_block_attn1(
     assert list(hooks.select_sites(den, hooks.IdentityAttention())) == [
         "mid_block.attentions.0.transformer_blocks.0.attn1"]
     assert list(hooks.select_sites(den, hooks.SkipLayer())) == ["mid_block.attentions.0.transformer_blocks.0"]
+    # the marks survive a copy of the dict (an adapter may merge its sites), and SAG records one layer only
+    marked = dict(attention_sites(unet))
+    two = {n: s for n, s in marked.items() if n.endswith("attn1")}
+    two["extra.attn1"] = copy.copy(two["mid_block.attentions.0.transformer_blocks.0.attn1"])
+    fake = type("M", (), {"sites": lambda self: two})()
+    assert list(hooks.select_sites(fake, hooks.IdentityAttention())) == [
+        "mid_block.attentions.0.transformer_blocks.0.attn1", "extra.attn1"]
+    assert list(hooks.select_sites(fake, hooks.RecordAttention())) == [
+        "mid_block.attentions.0.transformer_blocks.0.attn1"]
     # PAG matches self-attention only, NAG cross-attention only, whatever the pattern
     assert all(n.endswith("attn1") for n in hooks.select_sites(den, hooks.IdentityAttention("*")))
     assert all(n.endswith("attn2") for n in hooks.select_sites(den, hooks.NormalizedCrossAttention("*")))

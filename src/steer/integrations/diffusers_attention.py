@@ -47,9 +47,7 @@ _BLOCKS = {"BasicTransformerBlock": "basic", "JointTransformerBlock": "joint", "
 
 
 class Sites(dict):
-    """``{name: site}`` in model order, with ``middle``: the default sites per kind (``"attention"``, ``"block"``)."""
-
-    middle: dict
+    """``{name: site}`` in model order; sites with ``is_middle`` set are the default ones (``layers=None``)."""
 
 
 class Layer(NamedTuple):
@@ -101,10 +99,8 @@ def attention_sites(module) -> Sites:
     if singles:
         singles[0].first_single = True
     _install_grid_capture(module, sites)
-    attn_names = [n for n, s in sites.items() if isinstance(s, hooks.AttentionSite)]
-    sites.middle = {"attention": [n for n in attn_names if n.startswith("mid_block.") and n.endswith(".attn1")],
-                    "block": [n for n, s in sites.items()
-                              if n.startswith("mid_block.") and isinstance(s, hooks.BlockSite)]}
+    for n, s in sites.items():  # the middle block of a UNet: its self-attention layers and transformer blocks
+        s.is_middle = n.startswith("mid_block.") and (isinstance(s, hooks.BlockSite) or n.endswith(".attn1"))
     module.__dict__["_steer_sites"] = sites
     return sites
 

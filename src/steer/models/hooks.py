@@ -36,6 +36,7 @@ class Perturbation:
     site_kind = "attention"  # or "block"
     roles = ("self", "joint", "single")
     enabled = True
+    one_site = False  # by default (layers=None), act on one site of the middle block only (SAG's recorded map)
 
     def __init__(self, layers=None):
         single = isinstance(layers, (str, int))
@@ -199,6 +200,7 @@ class RecordAttention(Perturbation):
     (``.maps``: [b, heads, tokens, tokens]) for SAG."""
 
     name = "record_attention"
+    one_site = True
 
     def __init__(self, layers=None):
         super().__init__(layers)
@@ -314,8 +316,9 @@ def select_sites(model, perturbation: Perturbation) -> dict[str, _Site]:
         hint = getattr(perturbation, "hint", "")
         raise ValueError(f"{perturbation!r}: {type(model).__name__} has no {what}s{roles}{hint}")
     names = list(sites)
-    if perturbation.layers is None:  # the middle block: the model's choice (a UNet's mid_block), else the middle one
-        middle = [n for n in getattr(every, "middle", {}).get(perturbation.site_kind, []) if n in sites]
+    if perturbation.layers is None:  # the middle block: the sites the model marks (a UNet mid_block), else the middle
+        middle = [n for n, s in sites.items() if getattr(s, "is_middle", False)]
+        middle = middle[:1] if perturbation.one_site else middle
         return {n: sites[n] for n in middle} if middle else {names[len(names) // 2]: sites[names[len(names) // 2]]}
     chosen = {}
     for pat in perturbation.layers:
