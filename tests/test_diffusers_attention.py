@@ -269,6 +269,30 @@ def test_unet_block_sites_slice_keyword_arguments_by_row(kind):
     assert (got[1:] - plain[1:]).abs().max() > 1e-3
 
 
+def test_hooks_in_bfloat16_follow_the_float32_result():
+    """The hooks keep the model's dtype (masks, means, NAG norms accumulated in float32 and cast back): in bfloat16
+    each perturbed forward stays within bfloat16's error of the float32 one, like the clean forward."""
+    unet = tiny_unet()
+    x, t, text = unet_inputs(b=2)
+    cases = {"pag": ({(0, 1): hooks.IdentityAttention()}, None), "seg": ({(0, 1): hooks.SmoothedEnergy(None)}, None),
+             "nag": ({(0, 1): hooks.NormalizedCrossAttention("*", 4.0)}, {(0, 1): (1, 2)}),
+             "slg": ({(0, 1): hooks.SkipLayer()}, None)}
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        den = UNetDenoiser(copy.deepcopy(unet).to(dtype))
+        with torch.no_grad():
+            out[dtype, "clean"] = den(x.to(dtype), t, text.to(dtype))
+            for name, (rows, refs) in cases.items():
+                with hooks.perturb(den, rows, refs):
+                    out[dtype, name] = den(x.to(dtype), t, text.to(dtype))
+    for name in ["clean", *cases]:
+        half, full = out[torch.bfloat16, name], out[torch.float32, name]
+        assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+        assert float((half.float() - full).norm() / full.norm()) < 3e-2, name
+        if name != "clean":
+            assert (full[0] - out[torch.float32, "clean"][0]).abs().max() > 1e-3  # the hook acted
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # NAG: the authors' UNet cross-attention algorithm
 
