@@ -19,7 +19,7 @@ from ..spec import parse_spec
 from .metrics import METRICS, family, labels_for
 from .store import Store
 
-__all__ = ["write_report", "claim_results"]
+__all__ = ["write_report", "claim_results", "claims_markdown"]
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22"]
@@ -233,6 +233,21 @@ def _claims_table(results: list[dict]) -> str:
     return "\n".join(body + ["</table>"])
 
 
+def claims_markdown(results: list[dict]) -> str:
+    """The claims table as Markdown (written beside the report as ``claims.md``)."""
+    mark = {"reproduced": "✓ reproduced", "not reproduced": "✗ not reproduced", "inconclusive": "~ within noise",
+            "incomplete": "… incomplete"}
+    lines = ["| claim (paper) | testbed | method vs baseline | measured: method · baseline | verdict |",
+             "|---|---|---|---|---|"]
+    for c in results:
+        budget = f"{c['steps']} steps" if c.get("steps") else f"NFE ≤ {c['nfe']}"
+        solver = c["solver"] + (f" / {c['baseline_solver']}" if c.get("baseline_solver") else "")
+        measured = "; ".join(f"{k['metric']} {_fmt(k['method'])} · {_fmt(k['baseline'])}" for k in c["checks"])
+        lines.append(f"| {c['claim']} ({c['paper']}) | {c['model']}, {solver}, {budget} | `{c['method']}` vs "
+                     f"`{c['baseline']}` | {measured or '–'} | {mark[c['verdict']]} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(db: "str | Path", out: "str | Path") -> Path:
     """Write ``out/index.html`` (and ``out/grids/*.png``) from the database ``db``; returns the index's path."""
     store = Store(db)
@@ -246,6 +261,7 @@ def write_report(db: "str | Path", out: "str | Path") -> Path:
     claims = claim_results(store)
     if claims:
         body.append(_claims_table(claims))
+        (out / "claims.md").write_text(claims_markdown(claims))
     for (model, solver, budget), cells in sorted(_group_cells(rows).items()):
         names = sorted({k for c in cells.values() for k in c["metrics"]})
         body.append(f"<h2>{html.escape(model)} · {html.escape(solver)} · {html.escape(budget)}</h2>")
