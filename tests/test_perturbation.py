@@ -101,19 +101,51 @@ def test_middle_block_default_and_pattern_errors():
         hooks.select_sites(object(), hooks.IdentityAttention())
 
 
-def test_seg_finite_blur_matches_a_hand_gaussian():
-    """σ = 1 on the 4×4 grid: kernel size ⌈6σ⌉+1 = 7 clipped to 3, weights ∝ exp(−x²/2), reflect padding."""
-    q = torch.randn(1, 1, 16, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    w = torch.tensor([math.exp(-0.5), 1.0, math.exp(-0.5)], dtype=torch.float64)
+def _official_seg_blur(q, side, sigma):
+    """An independent re-implementation of the official SEG query blur (SusungHong/SEG-SDXL pipeline_seg.py,
+    ``SEGCFGSelfAttnProcessor`` + ``gaussian_blur_2d``): ``m + 1 − (m mod 2)`` taps with ``m = ⌈6σ⌉``, clipped to
+    ``side − (side mod 2 − 1)``, a 2-D kernel from ``linspace(−half, half)``, reflect padding, one 2-D convolution
+    per channel (channel = head × feature, the tokens as a square grid)."""
+    b, h, n, d = q.shape
+    m = math.ceil(6 * sigma)
+    k = min(m + 1 - m % 2, side - (side % 2 - 1))
+    x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    k1 = pdf / pdf.sum()
+    kernel = (k1[:, None] * k1[None, :]).expand(h * d, 1, k, k)
+    img = q.permute(0, 1, 3, 2).reshape(b, h * d, side, side)
+    img = F.conv2d(F.pad(img, [k // 2] * 4, mode="reflect"), kernel, groups=h * d)
+    return img.reshape(b, h, d, n).permute(0, 1, 3, 2)
+
+
+@pytest.mark.parametrize("side, sigma", [(16, 0.5), (16, 1.5), (16, 2.5),  # below the clip
+                                         (4, 1.0), (5, 2.0), (32, 6.0), (2, 0.7)])  # clipped (+1 on even sides)
+def test_seg_finite_blur_matches_the_official_kernel_rule(side, sigma):
+    q = torch.randn(2, 3, side * side, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expect = _official_seg_blur(q, side, sigma)
+    assert (hooks._blur_tokens(q, (side, side), sigma) - expect).abs().max() < 1e-12
+    # float32 queries: the same to float32 rounding
+    got32 = hooks._blur_tokens(q.float(), (side, side), sigma).double()
+    assert (got32 - expect).abs().max() < 1e-5
+
+
+def test_seg_kernel_rule_is_not_ceil_plus_one_made_odd():
+    """The rule steer had before (⌈6σ⌉ + 1 made odd, clipped to an odd size below the side) gives 5 taps at σ = 0.5
+    where the official code uses 3, and 3 taps on the 4×4 grid at σ = 1 where it uses 5: the test above can tell
+    them apart (differences of 3e−3 and 0.1 on unit-variance queries)."""
+    q = torch.randn(1, 1, 256, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    five = _official_seg_blur(q, 16, 0.5 + 1e-9)  # ⌈6σ⌉ = 4: 5 taps, as the old rule at σ = 0.5
+    assert (hooks._blur_tokens(q, (16, 16), 0.5) - five).abs().max() > 1e-3
+    q4 = q[:, :, :16]
+    old = F.conv2d(F.pad(q4.permute(0, 1, 3, 2).reshape(1, 4, 4, 4), [1] * 4, mode="reflect"),
+                   _kernel3(1.0).expand(4, 1, 3, 3), groups=4).reshape(1, 1, 4, 16).permute(0, 1, 3, 2)
+    assert (hooks._blur_tokens(q4, (4, 4), 1.0) - old).abs().max() > 1e-2
+
+
+def _kernel3(sigma):
+    w = torch.exp(-0.5 * (torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / sigma) ** 2)
     w = w / w.sum()
-    img = q.reshape(4, 4)
-    pad = F.pad(img[None, None], (1, 1, 1, 1), mode="reflect")[0, 0]
-    expect = torch.zeros(4, 4, dtype=torch.float64)
-    for i in range(4):
-        for j in range(4):
-            expect[i, j] = sum(w[a] * w[b] * pad[i + a, j + b] for a in range(3) for b in range(3))
-    got = hooks._blur_tokens(q, (4, 4), 1.0)
-    assert torch.allclose(got.reshape(4, 4), expect, atol=1e-12)
+    return w[:, None] * w[None, :]
 
 
 @pytest.mark.parametrize("spec", ["pag(scale=3)", "seg(scale=3)", "slg(scale=3)", "tpg(scale=3)"])

@@ -387,8 +387,11 @@ def from_pyramid(pyr: list[torch.Tensor]) -> torch.Tensor:
 class FDG(CFG):
     """Frequency-decoupled guidance (Sadat et al. 2025, "Guidance in the Frequency Domain Enables High-Fidelity
     Sampling at Low CFG Scales", arXiv 2506.19713). Both predictions are split by a Laplacian pyramid; each level
-    gets its own w-form scale (``y_u^(l) + w_l Δ^(l)``), optionally with APG-style down-weighting of the part of
-    ``Δ^(l)`` parallel to ``y_c^(l)`` (``parallel_weight``); the guided pyramid is reconstructed. With
+    gets its own scale ``w_l``, with APG-style down-weighting ρ (``parallel_weight``) of the part of ``Δ^(l)``
+    parallel to ``y_c^(l)``: ``y^(l) = y_c^(l) + (w_l − 1)(Δ_⊥^(l) + ρ Δ_∥^(l))`` (the paper's Algorithm 2,
+    ``form="paper"``, default); the guided pyramid is reconstructed. ``form="diffusers"`` is diffusers'
+    FrequencyDecoupledGuidance, ``y_u^(l) + w_l (Δ_⊥^(l) + ρ Δ_∥^(l))``: the two agree at ρ = 1 and differ by
+    ``(1 − ρ) Δ_∥^(l)`` per level otherwise (the same defect as diffusers' APG default). With
     ``levels`` levels, the ``levels − 1`` band-pass levels use ``scale_high`` and the low-pass residual
     ``scale_low`` (or give ``scales`` high → low). Equal scales and no projection is CFG. Space x0 (the
     paper works on denoised predictions; without projection the space does not matter). Needs image-shaped
@@ -398,12 +401,14 @@ class FDG(CFG):
     name = "fdg"
 
     def __init__(self, scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None,
-                 parallel_weight: float = 1.0, space: str = "x0", **kwargs):
+                 parallel_weight: float = 1.0, space: str = "x0", form: str = "paper", **kwargs):
         if scales is not None and (scale_low, scale_high, levels) != (5.0, 10.0, 2):
             raise ValueError("fdg: give either scales=[high, ..., low] or scale_low, scale_high and levels, not both")
         if levels < 2 and scales is None:
             raise ValueError(f"fdg needs levels >= 2, got {levels}")
         check_choice(self.name, "space", space, SPACES)
+        check_choice(self.name, "form", form, ("paper", "diffusers"))
+        self.form = form
         self.scales = ([float(s) for s in scales] if scales is not None
                        else [float(scale_high)] * (levels - 1) + [float(scale_low)])
         self.levels = len(self.scales)
@@ -430,13 +435,14 @@ class FDG(CFG):
             if self.parallel_weight != 1.0:
                 par, orth = _project(delta, lc)
                 delta = orth + self.parallel_weight * par
-            out.append(lu + s * delta)
+            out.append(lc + (s - 1) * delta if self.form == "paper" else lu + s * delta)
         return from_pyramid(out)[..., :h, :w_]
 
     def options(self):
         options = super().options()
         del options["scale"]  # the largest of the scales, for the interval and schedule logic
-        return {"scales": self.scales, "parallel_weight": self.parallel_weight, "space": self.space, **options}
+        return {"scales": self.scales, "parallel_weight": self.parallel_weight, "space": self.space,
+                "form": self.form, **options}
 
 
 class Characteristic(CFG):
@@ -678,10 +684,11 @@ def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
 @register("fdg", family="cfg",
           paper="Sadat et al. 2025, Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales",
           arxiv="2506.19713", space="x0 (Laplacian pyramid levels)", extra_nfe="+1",
-          defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels")
+          defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels; "
+                          "form='paper': the paper's Algorithm 2")
 def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales: list[float] | None = None,
-        parallel_weight: float = 1.0, space: str = "x0", **kwargs) -> FDG:
-    return FDG(scale_low, scale_high, levels, scales, parallel_weight, space, **kwargs)
+        parallel_weight: float = 1.0, space: str = "x0", form: str = "paper", **kwargs) -> FDG:
+    return FDG(scale_low, scale_high, levels, scales, parallel_weight, space, form, **kwargs)
 
 
 @register("characteristic", family="cfg",

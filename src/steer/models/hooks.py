@@ -70,7 +70,9 @@ class IdentityAttention(Perturbation):
 
 class SmoothedEnergy(Perturbation):
     """SEG (Hong, NeurIPS 2024, arXiv 2408.00760): blur the queries with a 2-D Gaussian of std ``sigma`` over the
-    token grid (kernel size ⌈6σ⌉ + 1 made odd, clipped to the grid, reflect padding); ``sigma=inf`` (or > 9999, as
+    token grid with reflect padding, by the official code's rule (SusungHong/SEG-SDXL ``gaussian_blur_2d``): ``m + 1 −
+    (m mod 2)`` taps with ``m = ⌈6σ⌉``, clipped to the grid side ``n`` (``n + 1`` taps for an even side; the
+    smaller side on a non-square grid, where the official code assumes a square); ``sigma=inf`` (or > 9999, as
     the reference) replaces every query by the mean query."""
 
     name = "smoothed_energy"
@@ -92,14 +94,14 @@ class SmoothedEnergy(Perturbation):
 def _blur_tokens(q: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.Tensor:
     b, h, n, d = q.shape
     gh, gw = grid
-    size = math.ceil(6 * sigma) + 1
-    size += 1 - size % 2
-    size = min(size, 2 * (min(gh, gw) // 2) - 1) if min(gh, gw) > 1 else 1
+    m = math.ceil(6 * sigma)
+    side = min(gh, gw)
+    size = min(m + 1 - m % 2, side + 1 - side % 2)  # the reflect pad (size // 2) stays below the side
     if size <= 1:
         return q
-    x = torch.arange(size, dtype=q.dtype, device=q.device) - size // 2
+    x = torch.arange(size, dtype=torch.float64) - size // 2  # the kernel in float64, then in q's dtype
     k1 = torch.exp(-(x**2) / (2 * sigma**2))
-    k1 = k1 / k1.sum()
+    k1 = (k1 / k1.sum()).to(device=q.device, dtype=q.dtype)
     img = q.permute(0, 1, 3, 2).reshape(b * h * d, 1, gh, gw)
     pad = size // 2
     img = F.pad(img, (pad, pad, pad, pad), mode="reflect")
