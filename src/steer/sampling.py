@@ -139,6 +139,12 @@ class Sampler:
             if self.guide.needs_renoise and not self.solver.supports_renoise:
                 raise ValueError(f"{self.guide!r} re-noises with its own estimate, which solver {self.solver.name!r} "
                                  "cannot use; use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
+            if self.guide.first_order_only and not (self.solver.order == 1 and self.solver.nfe_per_step == 1):
+                raise ValueError(f"{self.guide!r} amplifies the tangential part of the sampler's update, which it "
+                                 "reads from the guided x̂0 only for one-evaluation first-order solvers; solver "
+                                 f"{self.solver.name!r} (order {self.solver.order}, {self.solver.nfe_per_step} "
+                                 "evaluation(s) per step) combines several x̂0 into its update, so TAG there would not "
+                                 "be the paper's method; use one of: euler, ddim, ddpm, euler_ancestral")
         conds = {"cond": cond, "uncond": condlib.expand(uncond, batch), "negative": condlib.expand(negative, batch)}
         self.solver_state = self.solver.init(self.path, self.timesteps)
         self.ev = _Evaluator(model, self.guide, self.path, conds, batch, self.solver_state["pts"])

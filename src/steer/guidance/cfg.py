@@ -596,9 +596,17 @@ class TAG(OutputModifier):
     """Tangential amplifying guidance (Cho et al. 2025, arXiv 2510.04533), in the form of ComfyUI's node: the
     first-order update direction ``d = D − x̄`` (x̄ = x/α in EDM coordinates; x itself on flow paths) is split
     into its part along the state ``x`` and the rest, ``D̂ = x̄ + η_t d_⊥ + η_r d_∥``. η_t = η_r = 1 is the base
-    sampler. Defaults η_t = 1.05 (ComfyUI), η_r = 1."""
+    sampler. Defaults η_t = 1.05 (ComfyUI), η_r = 1.
+
+    The paper defines TAG on the sampler's update ``Δ = x_{k−1} − x_k``. For one-evaluation first-order solvers
+    (euler, ddim, ddpm, euler_ancestral) the update's deterministic part is proportional to ``D − x̄`` plus a radial
+    term, so with η_r = 1 this form is the paper's (tests/test_guidance.py); multistep and multi-stage solvers
+    (dpmpp_2m: 1.9 apart at η_t = 1.5, 8 steps, 7e−3 at 1.05, 25 steps, on the 2-D exact testbed,
+    tests/test_fidelity.py) build their update from several x̂0, so ``sample`` refuses them
+    with TAG."""
 
     name, order = "tag", 60
+    first_order_only = True
 
     def __init__(self, eta: float = 1.05, eta_r: float = 1.0):
         self.eta, self.eta_r = float(eta), float(eta_r)

@@ -53,6 +53,7 @@ class Guidance:
 
     name = "guidance"
     needs_renoise = False  # returns a separate re-noise estimate (CFG++)
+    first_order_only = False  # defined on the update of a one-evaluation first-order solver (TAG)
     _spec: tuple[str, dict] | None = None  # (method, options given) when built by a registered constructor
 
     def reset(self) -> None:
@@ -193,6 +194,7 @@ class Stack(Guidance):
         if sum(p.needs_renoise for p in flat) > 1:
             raise ValueError("at most one method in a stack may set the re-noise estimate (cfgpp)")
         self.needs_renoise = any(p.needs_renoise for p in flat)
+        self.first_order_only = any(p.first_order_only for p in flat)
 
     def reset(self):
         for p in self.parts:
