@@ -387,3 +387,45 @@ def test_perturbation_terms_and_autoguidance_combine_as_the_official_code():
         assert (got - (u + w * (c - u) + s * (c - p))).abs().max() < 1e-12, name
     got = g.autoguidance(2.1, guide=lambda x, t, cond: x).combine({"cond": c, "guide": p}, ctx)
     assert (got - torch.lerp(p, c, 2.1)).abs().max() < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------
+# Solvers: the packaged accuracy table, Heun on vp-cosine
+
+
+def _solver_table_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "solver_table.py"
+    spec = importlib.util.spec_from_file_location("solver_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packaged_solver_table_is_what_the_script_measures():
+    """``steer solvers`` reads ``steer.solver_accuracy``; one cell recomputed by the script's own function."""
+    from steer.solver_accuracy import ACCURACY, SAMPLES
+    from steer.solvers import most_accurate
+
+    cell = _solver_table_script().ode_error("euler", "vp-linear", 5, samples=SAMPLES)
+    stored = ACCURACY["vp-linear"][5]["euler"]
+    assert (cell["steps"], cell["nfe"]) == (stored["steps"], stored["nfe"])
+    assert abs(cell["error"] - stored["error"]) < 1e-6 * stored["error"]
+    best, entry = most_accurate("vp-linear", 5)
+    assert entry["error"] == min(c["error"] for c in ACCURACY["vp-linear"][5].values())
+
+
+def test_heun_on_vp_cosine_takes_euler_over_two_decades_of_sigma():
+    """vp-cosine's default grid starts at σ̄ = 2.0e4 and steps to 6.4: the trapezoid over that step was off by
+    1.9e2 at 10 NFE (256 samples); with the Euler fallback Heun's error is 0.067 there (DPM-Solver++(2M): 0.045)."""
+    from steer.solvers import HEUN_MAX_RATIO
+
+    st = _solver_table_script()
+    heun = st.ode_error("heun", "vp-cosine", 10, samples=64)
+    assert heun["nfe"] == 10 and heun["error"] < 0.1
+    path = get_path("vp-cosine")
+    grid = path.default_grid(heun["steps"])
+    sb = path.sigma_bar(grid[:2])
+    assert sb[0] > HEUN_MAX_RATIO * sb[1]  # the first step is such a step

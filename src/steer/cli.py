@@ -28,7 +28,7 @@ err_console = Console(stderr=True)
 MODELS = ("gmm", "digits", "digits-eps")
 DIGITS_CHECKPOINTS = {"digits": "flow", "digits-eps": "eps"}
 DEFAULT_SOLVER = "dpmpp_2m"
-COMPARE_SOLVERS = ("euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m(variant='published')",
+COMPARE_SOLVERS = ("euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m(variant='taylor')",
                    "unipc", "deis")
 COMPARE_STEPS = (5, 10, 20)
 JSON_HELP = "Print every field as JSON (for scripts) instead of the summary."
@@ -98,6 +98,23 @@ def solvers(long: bool = typer.Option(False, "--long", help="Show every solver's
         print(f"{'*' if r['name'] == DEFAULT_SOLVER else ' '} {r['name']:<16} {r['order']:<6} "
               f"{'SDE' if r['stochastic'] else 'ODE':<5} {r['nfe_per_step']:<9} {arxiv.group(1) if arxiv else '-'}")
     print("NFE/step: model evaluations per step (times the guidance's branches).")
+    _print_most_accurate()
+
+
+def _print_most_accurate() -> None:
+    from .solver_accuracy import ACCURACY, SAMPLES
+    from .solvers import most_accurate
+
+    budgets = sorted({b for cells in ACCURACY.values() for b in cells})
+    print(f"Most accurate ODE solver per path at {' / '.join(map(str, budgets))} NFE per sample, measured: RMS error")
+    print(f"against the exact PF-ODE solution (Gaussian-mixture testbed, {SAMPLES} samples, the path's default grid;")
+    print("benchmarks/out/solver_table.md):")
+    for path in ACCURACY:
+        cells = []
+        for b in budgets:
+            best = most_accurate(path, b)
+            cells.append("-" if best is None else f"{b}: {best[0]} {best[1]['error']:.1e}")
+        print(f"  {path:<17} " + "   ".join(cells))
 
 
 def _method_rows() -> list[dict]:

@@ -355,10 +355,12 @@ class DPMpp3M(Solver):
     ``D2 = (D1_0 − D1_1)/(r_0 + r_1)``; ``x_t = α_t m_0 + σ_t ε̂ + α_t (A1 D1 + c2 D2)`` with
     ``A1 = 1 − (1 − e^{−h})/h`` and ``A2 = 1/2 − (e^{−h} − 1 + h)/h²``.
 
-    ``variant="taylor"`` (default): ``c2 = 2·A2``. D2 estimates ``h² m''/2`` while the exact integral's
-    second-order term is ``h² A2 m''``, so the published ``c2 = A2`` (``variant="published"``, as in the
-    DPM-Solver reference code, k-diffusion and diffusers) is only second order; measured on the exact testbed
-    (tests/test_convergence.py) the published variant's error falls ~4× per halving of h, the Taylor one ~8×.
+    ``variant="published"`` (default): ``c2 = A2``, as in the DPM-Solver reference code, k-diffusion and diffusers.
+    ``variant="taylor"``: ``c2 = 2·A2``. D2 estimates ``h² m''/2`` while the exact integral's second-order term is
+    ``h² A2 m''``, so the published coefficient is only second order in the limit; measured on the exact testbed
+    (tests/test_convergence.py) the published variant's error falls ~4× per halving of h, the Taylor one ~8×. At
+    practical step counts the published one is the more accurate at equal NFE on every path (5, 10, 20 NFE; e.g.
+    flow, 20 NFE: 6.9e−3 against 1.0e−2; benchmarks/out/solver_table.md), hence the default.
     The Taylor variant also warms up so as not to spoil its order: with no usable history it takes a
     second-order single step (DPM-Solver++(2S) with r = 1, one extra NFE), then 2M, then 3M. The published
     variant warms up with orders 1, 2 like the references. ``lower_order_final`` (default, as diffusers): with
@@ -370,7 +372,7 @@ class DPMpp3M(Solver):
     paper = ("Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, "
              "arXiv 2211.01095")
 
-    def __init__(self, variant: str = "taylor", lower_order_final: bool = True):
+    def __init__(self, variant: str = "published", lower_order_final: bool = True):
         if variant not in ("taylor", "published"):
             raise ValueError(f"{self.name} variant must be 'taylor' or 'published', got {variant!r}")
         self.variant, self.lower_order_final = variant, bool(lower_order_final)
@@ -453,7 +455,8 @@ class DPMpp3MSDE(Solver):
     """SDE-DPM-Solver++(3M) (k-diffusion ``sample_dpmpp_3m_sde``), η = 1 by default.
 
     As ``dpmpp_2m_sde`` with the 3M correction ``α_t [A1(H) D1 + c2 D2]``, ``A1, A2`` at ``H = (1 + η) h``;
-    ``variant`` as in ``dpmpp_3m`` (``c2 = 2·A2(H)`` by default, ``A2(H)`` published). Warm-up orders 1, 2.
+    ``variant`` as in ``dpmpp_3m`` but with the Taylor ``c2 = 2·A2(H)`` by default (``A2(H)`` published).
+    Warm-up orders 1, 2.
     diffusers' order-3 "sde-dpmsolver++" uses ``(1 − e^{−2h} − 2h)/(2h)² − ½`` on D2 (the ½ with the wrong
     sign); it is not reproduced here. 1 NFE per step.
     """
@@ -731,6 +734,19 @@ def get_solver(solver: "str | Solver") -> Solver:
         return SOLVERS[name](*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for solver {name!r}: {e}") from e
+
+
+def most_accurate(path: str, nfe: int) -> tuple[str, dict] | None:
+    """The ODE solver with the smallest error on the exact testbed at ``nfe`` NFE per sample on ``path``'s default
+    grid, and its entry (steps, NFE, error), from the table benchmarks/solver_table.py measured and packaged in
+    ``steer.solver_accuracy`` (paths: flow, vp-linear, vp-scaled-linear, vp-cosine, edm; NFE: 5, 10, 20)."""
+    from .solver_accuracy import ACCURACY
+
+    cells = ACCURACY.get(path, {}).get(nfe)
+    if not cells:
+        return None
+    best = min(cells, key=lambda s: cells[s]["error"])
+    return best, cells[best]
 
 
 def solver_table() -> list[dict]:
