@@ -106,15 +106,16 @@ def _print_most_accurate() -> None:
     from .solvers import most_accurate
 
     budgets = sorted({b for cells in ACCURACY.values() for b in cells})
-    print(f"Most accurate ODE solver per path at {' / '.join(map(str, budgets))} NFE per sample, measured: RMS error")
-    print(f"against the exact PF-ODE solution (Gaussian-mixture testbed, {SAMPLES} samples, the path's default grid;")
-    print("benchmarks/out/solver_table.md):")
+    _print_wrapped(f"Most accurate ODE solver per path at {' / '.join(map(str, budgets))} NFE per sample, measured "
+                   f"(RMS error against the exact PF-ODE solution; Gaussian-mixture testbed, {SAMPLES} samples, the "
+                   "path's default grid; benchmarks/out/solver_table.md):")
     for path in ACCURACY:
         cells = []
         for b in budgets:
             best = most_accurate(path, b)
-            cells.append("-" if best is None else f"{b}: {best[0]} {best[1]['error']:.1e}")
-        print(f"  {path:<17} " + "   ".join(cells))
+            name = "-" if best is None else best[0].replace("(variant='published')", "").replace("variant=", "")
+            cells.append(f"{b}:\xa0{name}" + ("" if best is None else f"\xa0{best[1]['error']:.1e}"))
+        _print_wrapped(f"  {path}: " + ", ".join(cells), indent=4)
 
 
 def _method_rows() -> list[dict]:
