@@ -359,8 +359,9 @@ class DPMpp3M(Solver):
     ``variant="taylor"``: ``c2 = 2·A2``. D2 estimates ``h² m''/2`` while the exact integral's second-order term is
     ``h² A2 m''``, so the published coefficient is only second order in the limit; measured on the exact testbed
     (tests/test_convergence.py) the published variant's error falls ~4× per halving of h, the Taylor one ~8×. At
-    practical step counts the published one is the more accurate at equal NFE on every path (5, 10, 20 NFE; e.g.
-    flow, 20 NFE: 6.9e−3 against 1.0e−2; benchmarks/out/solver_table.md), hence the default.
+    practical step counts the published one is the more accurate at equal NFE in 13 of 15 (path, budget) cells of
+    benchmarks/out/solver_table.md (every path at 10 and 20 NFE; e.g. flow, 20 NFE: 6.9e−3 against 1.0e−2), hence
+    the default.
     The Taylor variant also warms up so as not to spoil its order: with no usable history it takes a
     second-order single step (DPM-Solver++(2S) with r = 1, one extra NFE), then 2M, then 3M. The published
     variant warms up with orders 1, 2 like the references. ``lower_order_final`` (default, as diffusers): with
