@@ -466,7 +466,9 @@ class Characteristic(CFG):
     iteration, and a sample that does not converge in ``max_iter`` evaluations falls back to CFG (as the
     reference). ``reuse`` > 0 starts from the previous evaluation's shift times ``reuse·σ̄_t²/σ̄_prev²`` (the
     reference's "Reuse Correction", state in ``ctx.state``, one row per sample). ``reg_range=None`` keeps λ = reg
-    throughout. In half precision the tolerance is at least 4 ulps of the correction's RMS.
+    throughout. The iteration runs on the x0 predictions (``σ̄(ε̂_u − ε̂_c) = Δ + D_c − D_u``; CFG of the shifted ε̂
+    at x is CFG of the shifted D), so no large shifted input enters a difference; in half precision the tolerance
+    is at least 4 ulps of the RMS of ``x/α + (D_c − D_u) + wΔ``, the rounding of what the residual is made of.
 
     Cost: 2 NFE per fixed-point evaluation after the first (the first reuses the branch pass unless a reused shift
     moves it), up to ``2·max_iter``; the reference spends 4 more per step (the Δ = 0 basis and a final pass, both
@@ -499,8 +501,11 @@ class Characteristic(CFG):
         w, x, sb = self.weight(ctx), ctx.x, p.sigma_bar
         shape = (-1,) + (1,) * (x.ndim - 1)
         n = x[0].numel()
-        ec, eu = p.eps(x, preds["cond"]), p.eps(x, preds["uncond"])
-        g0 = sb * (eu - ec)
+        # with x̄_i the shifted inputs and D_i the x0 predictions there, σ̄ ε̂_i = x̄_i − D_i, so the correction
+        # σ̄(ε̂_u − ε̂_c) = Δ + D_c − D_u and CFG of the shifted ε̂ at the unshifted x is CFG of the D_i: no large shifted
+        # input enters a difference (what keeps half precision usable)
+        dc, du = preds["cond"], preds["uncond"]
+        g0 = dc - du
         norm = _norm(g0).clamp_min(1e-4)  # the reference's floor
         ghat = (_wide(g0) / norm.to(_wide(g0).dtype)).to(g0.dtype)
         gg = _dot(ghat, ghat)
@@ -509,9 +514,9 @@ class Characteristic(CFG):
             return v if self.reg is None else (_dot(v, ghat) / (gg + lam)).to(v.dtype) * ghat
 
         def evaluate(d):
-            xc, xu = torch.add(x, d, alpha=p.alpha * (w - 1)), torch.add(x, d, alpha=p.alpha * w)
-            out = ctx.evaluate({"cond": xc, "uncond": xu})
-            return p.eps(xc, out["cond"]), p.eps(xu, out["uncond"])
+            out = ctx.evaluate({"cond": torch.add(x, d, alpha=p.alpha * (w - 1)),
+                                "uncond": torch.add(x, d, alpha=p.alpha * w)})
+            return out["cond"], out["uncond"]
 
         anneal = self.reg is not None and self.reg_range is not None
         abar = 1 / (1 + sb * sb)
@@ -529,23 +534,27 @@ class Characteristic(CFG):
         d = torch.zeros_like(x)
         if self.reuse > 0 and prev is not None:
             d = prev["dx"] * (self.reuse * prev["abar"] * (1 - abar) / (abar * (1 - prev["abar"])))  # σ̄_t²/σ̄_prev²
-            ec, eu = evaluate(d)
+            dc, du = evaluate(d)
         rms = lambda v: _wide(v).flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
-        tol = self.tol if _wide(x) is x else torch.clamp(4 * torch.finfo(x.dtype).eps * rms(g0), min=self.tol)
-        tol = torch.as_tensor(tol, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        half = _wide(x) is not x
+        scale = rms(x) / p.alpha + rms(g0)  # in half precision, the rounding of the inputs and of D_c − D_u ...
         done = torch.zeros((x.shape[0],) + shape[1:], dtype=torch.bool, device=x.device)
-        out_c, out_u, out_d = ec, eu, torch.zeros_like(x)
+        out_c, out_u, out_d = dc, du, torch.zeros_like(x)
         hist = None
         for it in range(self.max_iter):
             if it > 0:
-                ec, eu = evaluate(d)
+                dc, du = evaluate(d)
             r = r.abs()  # the reference keeps λ = r²/reg_w and takes r = sqrt(λ reg_w) back
             lam = r * r / self.reg_w
-            gx = d - (sb * (eu - ec) if it == 0 else proj(sb * (eu - ec), lam))
+            gx = du - dc if it == 0 else d - proj(d + (dc - du), lam)
             gr = self.reg_size * (r - r_target) if anneal else torch.zeros_like(r)
             res = ((_dot(gx, gx) + gr * gr) / (n + anneal)).sqrt()
+            tol = self.tol
+            if half:  # ... and of the shifted inputs bound the residual: the tolerance is at least 4 ulps of them
+                tol = torch.clamp(4 * torch.finfo(x.dtype).eps * (scale + abs(w) * rms(d)), min=self.tol)
+                tol = tol.reshape(res.shape)
             new = (res < tol) & ~done
-            out_c, out_u = torch.where(new, ec, out_c), torch.where(new, eu, out_u)
+            out_c, out_u = torch.where(new, dc, out_c), torch.where(new, du, out_u)
             out_d = torch.where(new, d, out_d)
             done = done | new
             if it == self.max_iter - 1 or bool(done.all()):
@@ -560,8 +569,7 @@ class Characteristic(CFG):
             hist = (d, r, gx, gr)
             d, r = torch.add(xd, gd, alpha=-self.step), xr - self.step * grr
         ctx.state[self] = {"dx": out_d, "abar": abar}
-        guided = ctx.x0(out_u + w * (out_c - out_u), "eps")
-        return torch.where(done, guided, super().combine(preds, ctx))
+        return torch.where(done, out_u + w * (out_c - out_u), super().combine(preds, ctx))
 
     def options(self):
         return {**super().options(), "reg": self.reg, "step": self.step, "tol": self.tol, "max_iter": self.max_iter,
