@@ -127,7 +127,8 @@ def main():
     floor = energy_distance(mix.sample(n, labels, generator=torch.Generator().manual_seed(10)),
                             mix.sample(n, labels, generator=torch.Generator().manual_seed(11)))
     lines += [f"### (b) Every solver: energy distance to exact samples of p(x0 | c) ({n} samples)", "",
-              f"Floor (two exact sample sets of {n}): {floor:.2e}. Each cell: energy distance (steps, NFE).", "",
+              f"Floor (two exact sample sets of {n}): {floor:.2e} (the estimate is unbiased, so it scatters around 0 "
+              "by about that much). Each cell: energy distance (steps, NFE).", "",
               "| solver | path | " + " | ".join(f"{b} NFE" for b in BUDGETS) + " |",
               "|---|---|" + "---|" * len(BUDGETS)]
     for path, _ in PATHS:
