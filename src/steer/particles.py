@@ -560,6 +560,10 @@ def fkc(model, cond=None, uncond=None, guidance="cfg(scale=3)", particles: int =
     ``ddpm``, ``ddim(eta=1)``, ``euler_ancestral(eta=1)``, ``dpmpp_2m_sde(eta=1)`` (default), ``dpmpp_3m_sde(eta=1)``;
     any path. The first-order ancestral steps (ddpm, ddim) are further from the SDE at a given step count than
     ``dpmpp_2m_sde`` (on the exact testbed at 100 steps ddpm leaves a visible bias, 2M-SDE does not).
+    ``rule``: how ``∫ B dλ`` is taken over a step (:func:`fkc_bracket`, :func:`fkc_increment`): ``"trapezoid"``
+    (default) averages B at the step's two ends, B of the new state being added at the next evaluation (a
+    potential of the parent and the child; B = 0 at σ = 0 when Σβ = 1), each end weighted by ``1 − e^{−h}``;
+    ``"left"`` is the reference's left-point rule exactly.
     Defaults from martaskrt/fkc-diffusion (edm_sampler_new, generate_images.sh): systematic resampling at
     every step, 8 particles per condition. Not reproduced: the reference centres each increment and clamps it to
     [−1, 1] (a stabiliser that biases the weights) and clips resampling weights at 1e−6. Cost: that of the
