@@ -258,18 +258,31 @@ def test_duplicated_particles_receive_independent_noise(toy):
 # SVDD and search
 
 
-def test_svdd_selects_the_best_candidate_and_counts_nfe(toy):
-    """With α = 0 the last step's output is the candidate x̂0 with the highest reward: every SVDD sample's reward is
-    at least that of the same chain's other M − 1 candidates at the end (checked by the returned values)."""
+def test_svdd_selection_hands_the_best_candidate_to_every_row():
+    """SVDD's selection (α = 0): of each particle's M candidate rows, the one with the highest value gives its
+    (x̂0, ε̂) to all M rows; with α > 0 the choice follows softmax(v/α) (checked on its frequencies)."""
+    path = steer.get_path("flow")
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    x0 = torch.tensor([[0.0, 0], [2, 0], [1, 0], [-1, 0], [5, 0], [3, 0]])  # 2 particles × M = 3 candidates
+    ctx = steer.guidance.Ctx.at(x, path, 0.5)
+    sel = P._Select(None, rewards.linear([1.0, 0.0]), 3, 0.0, [torch.Generator()], 2)
+    d = sel.combine({"cond": x0}, ctx)
+    assert d.x0[:, 0].tolist() == [2.0] * 3 + [5.0] * 3
+    torch.testing.assert_close(d.eps, ctx.point.eps(x, x0)[[1, 1, 1, 4, 4, 4]])
+    soft = P._Select(None, rewards.linear([1.0, 0.0]), 3, 1.0, [torch.Generator().manual_seed(1)], 2)
+    picks = torch.stack([soft.combine({"cond": x0}, ctx).x0[0, 0] for _ in range(2000)])
+    freq = torch.stack([(picks == v).double().mean() for v in (0.0, 2.0, 1.0)])
+    want = torch.softmax(torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64), 0)
+    assert torch.all((freq - want).abs() < 5 * (want * (1 - want) / 2000).sqrt())
+
+
+def test_svdd_counts_m_evaluations_per_step(toy):
     model, b = toy.denoiser("flow", "flow"), torch.tensor([1.0, 1.0])
     res = steer.smc(model, cond=torch.tensor([0, 2]), method="svdd", reward=rewards.linear(b), candidates=6,
                     steps=10, seed=0)
-    assert res.nfe == 10 * 6 * 2  # M NFE per step per chain
-    base = steer.smc(model, cond=torch.tensor([0, 2]), method="best_of_n", reward=rewards.linear(b), particles=1,
-                     solver="ddim(eta=1)", steps=10, seed=0)
+    assert res.nfe == 10 * 6 * 2  # M NFE per step per chain, no re-evaluation of the chosen candidate
     assert res.samples.shape == (2, 2) and res.rewards.shape == (2, 1)
     torch.testing.assert_close(res.rewards[:, 0], res.samples @ b)
-    assert base.nfe == 10 * 2
 
 
 def test_best_of_n_returns_the_best_of_the_deterministic_samples(toy):
