@@ -217,7 +217,7 @@ def test_fkc_refuses_what_it_cannot_correct(toy):
         steer.smc(model, cond=torch.tensor([0]), method="fkc", solver="ddim(eta=0.5)", steps=4)
     with pytest.raises(ValueError, match="plain"):
         steer.smc(model, cond=torch.tensor([0]), method="fkc", guidance="apg(scale=3)", steps=4)
-    with pytest.raises(ValueError, match="alpha > 0"):
+    with pytest.raises(ValueError, match="sum to 2"):
         steer.smc(model, cond=torch.tensor([0]), method="fkc", guidance=None, beta=2.0, steps=4)
 
 
