@@ -547,9 +547,9 @@ def fkc(model, cond=None, uncond=None, guidance="cfg(scale=3)", particles: int =
 
     Samples ``q_0 ∝ Π_i p_i(x)^{β_i}`` by simulating the reverse SDE with the combined score ``Σ β_i s_i`` and
     weighting the particles by :func:`fkc_increment` at every step (and resampling): the CFG-tilted target
-    ``p(x)^{1−w} p(x|c)^w`` for ``guidance="cfg(scale=w)"`` (β_u = 1 − w, β_c = w), tempering ``p^β`` with
-    ``beta`` (which multiplies every β), products of experts with ``experts={"cond": β1, "negative": β2}`` and
-    ``negative=`` a second conditioning (``guidance`` is then ignored). Plain CFG's ODE or SDE samples neither
+    ``p(x)^{1−w} p(x|c)^w`` for ``guidance="cfg(scale=w)"`` (β_u = 1 − w, β_c = w), geometric mixtures of
+    experts with ``experts={"cond": β1, "negative": β2}`` and ``negative=`` a second conditioning (``guidance``
+    is then ignored); ``beta`` multiplies every β (tempering). Plain CFG's ODE or SDE samples neither
     target (reference notes D5). Only exponents summing to 1 are accepted for now: with ``Σ β ≠ 1`` (tempering
     p^2, unnormalised products) our implementation, which weights the start by ``exp(−(Σβ − 1)‖x‖²/(2v))``, missed
     the exact target on the testbed (p = N(1, 0.5²), β = 2: weighted mean 1.60 instead of 1.0), so it is refused.
