@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 import steer
 from steer import guidance as g, operators as ops
 from steer.core import Ctx, Denoised, points
+from steer.memory import peak_saved_bytes as peak_saved
 from steer.metrics.distances import energy_distance
 from steer.paths import get_path
 from steer.testbeds.gmm import GaussianMixture, toy
@@ -480,36 +480,8 @@ def test_flowchef_parity_with_the_reference_rfpp_loop():
 # Memory: at most one extra activation graph per step
 
 
-class _Meter:
-    """Bytes of the tensors autograd holds for backward (parameters excluded), now and at the most."""
-
-    def __init__(self, params):
-        self.live = self.peak = 0
-        self.params = {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(self, t):
-        return _Held(self, t)
-
-
-class _Held:
-    def __init__(self, meter, t):
-        self.meter, self.t = meter, t.detach()  # not t: a saved output holds its own grad_fn (a cycle only gc frees)
-        st = t.untyped_storage()
-        self.n = 0 if st.data_ptr() in meter.params else st.nbytes()
-        meter.live += self.n
-        meter.peak = max(meter.peak, meter.live)
-
-    def __del__(self):
-        self.meter.live -= self.n
-
-
 def peak_saved_bytes(fn, params) -> int:
-    """The most bytes autograd holds for backward at any moment while ``fn`` runs (device-agnostic)."""
-    gc.collect()
-    meter = _Meter(params)
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: h.t):
-        fn()
-    return meter.peak
+    return peak_saved(fn, params)[0]
 
 
 @pytest.fixture(scope="module")
@@ -565,3 +537,38 @@ def test_each_gradient_method_holds_at_most_one_forward_graph(eps_model):
         assert measured[name] < 0.05 * one, (name, measured[name], one)
     for name in ("dps", "universal", "tfg"):
         assert one <= measured[name] <= one + 8 * 8 * 64 * 8, (name, measured[name], one)  # + a few x-sized tensors
+
+
+def test_the_saved_bytes_meter_counts_what_autograd_keeps():
+    """exp saves its output (4000 bytes for 1000 float32); x·x saves x twice (the same storage, counted per save);
+    parameters passed as exclude are not counted; everything is released when the graph is."""
+    x = torch.randn(1000, requires_grad=True)
+    assert peak_saved(lambda: x.exp(), [])[0] == 4000
+    assert peak_saved(lambda: x * x, [])[0] == 8000
+    assert peak_saved(lambda: x * x, [x])[0] == 0
+
+
+def test_classifier_guidance_on_digits_raises_the_target_accuracy(eps_model):
+    """The shipped noise-conditional digit classifier, loaded by name through the real loading code
+    (digits.load('noisy-classifier') via the spec string), guides the ε model's *unconditional* prediction toward
+    labels 0-9 (100 samples, DDIM 15 steps): the separate metrics classifier reads the target digit far more often
+    than without guidance. Measured: 0.08 unguided (chance is 0.1), 0.91 at s = 4 (on 50 samples: 0.76 at s = 2, 0.88
+    at s = 4, 0.92 at s = 8); the binomial standard error at n = 100 is about 0.03, so the bounds are ≥ 5 SE from the
+    measurements. The samples stay near the data range (max |x| 1.48; 445 with a classifier whose gradient did not
+    vanish at pure noise, which the first step from vp-cosine's α(1) = 5e−5 amplifies ~2000×)."""
+    from steer.testbeds import digits
+
+    n = 100
+    labels = torch.arange(n) % 10
+    guide = g.parse("classifier(4, classifier='digits', unconditional=True)")
+    assert isinstance(guide.classifier, type(digits.load("noisy-classifier")))
+    judge = digits.load("classifier")
+    guided = steer.sample(eps_model, cond=labels, guidance=guide, solver="ddim", steps=15, seed=list(range(n)))
+    plain = steer.sample(eps_model, cond=torch.full((n,), digits.NULL_LABEL), solver="ddim", steps=15,
+                         seed=list(range(n)))
+    acc = lambda x: float((judge(x).argmax(1) == labels).float().mean())  # noqa: E731
+    print(f"digits: target accuracy unguided {acc(plain):.2f}, classifier guidance s=4 {acc(guided):.2f}, "
+          f"max |x| {guided.abs().max():.2f}")
+    assert acc(plain) < 0.25
+    assert acc(guided) > 0.7
+    assert guided.abs().max() < 2.0

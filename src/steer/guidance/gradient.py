@@ -16,7 +16,8 @@ evaluation ends; every other branch has none). Gradients of a loss on x̂0 alone
 universal's x0 steps) need no graph of the network. Losses are per sample and reduced in float32 or better; the
 gradient of their sum is each sample's own gradient (no batch-coupled norms, unlike the DPS reference code).
 
-Objectives: ``operator=`` and ``y=`` (``steer.operators``; y batch-first or broadcastable) give the measurement
+Objectives: ``operator=`` and ``y=`` (``steer.operators``, or its spec string; y a tensor, batch-first or
+broadcastable, or a nested list, which a spec string can hold) give the measurement
 residual ``r = y − A(x̂0)``; ``loss=`` is any callable ``x0 -> [B]`` per-sample loss (lower is better).
 """
 
@@ -88,6 +89,8 @@ def _objective(method: str, loss, operator, y):
                          f"(the measurement tensor), or loss= (a function x0 -> per-sample loss)")
     if not callable(operator):
         raise ValueError(f"{method}: operator must be callable, got {operator!r}")
+    if isinstance(y, (list, tuple)):  # a literal in a spec string
+        y = torch.tensor(y, dtype=torch.float32)
     if not isinstance(y, torch.Tensor):
         raise ValueError(f"{method}: y must be the measurement tensor (batch-first), got {type(y).__name__}")
     return None, operator, y
@@ -218,7 +221,7 @@ class DPS(_NetworkGradient):
     name = "dps"
     needs_renoise = True
 
-    def __init__(self, zeta: float = 1.0, operator=None, y: torch.Tensor | None = None, clip: bool = False):
+    def __init__(self, zeta: float = 1.0, operator=None, y: torch.Tensor | list | None = None, clip: bool = False):
         _, self.operator, self.y = _objective("dps", None, operator, y)
         self.zeta, self.clip = float(zeta), clip
 
@@ -254,7 +257,7 @@ class Universal(_NetworkGradient):
     name = "universal"
 
     def __init__(self, forward_scale: float = 5.0, backward_steps: int = 0, recurrence: int = 5, loss=None,
-                 operator=None, y: torch.Tensor | None = None, lr: float = 1e-3, cutoff: float = 1e-5,
+                 operator=None, y: torch.Tensor | list | None = None, lr: float = 1e-3, cutoff: float = 1e-5,
                  clip: bool = False):
         if backward_steps < 0 or recurrence < 1:
             raise ValueError(f"universal: backward_steps must be >= 0 and recurrence >= 1, got {backward_steps}, "
@@ -329,7 +332,7 @@ class TFG(_NetworkGradient):
     needs_renoise = True
 
     def __init__(self, rho: float = 1.0, mu: float = 1.0, gamma: float = 0.01, recurrence: int = 1,
-                 iterations: int = 1, loss=None, operator=None, y: torch.Tensor | None = None, n_mc: int = 4,
+                 iterations: int = 1, loss=None, operator=None, y: torch.Tensor | list | None = None, n_mc: int = 4,
                  schedule: str = "increase", clip: bool = True):
         check_choice("tfg", "schedule", schedule, ("increase", "decrease", "constant"))
         if recurrence < 1 or iterations < 0 or n_mc < 1 or gamma < 0:
@@ -410,7 +413,7 @@ class FlowChef(Corrector):
     name = "flowchef"
     needs_renoise = True
 
-    def __init__(self, scale: float = 100.0, loss=None, operator=None, y: torch.Tensor | None = None):
+    def __init__(self, scale: float = 100.0, loss=None, operator=None, y: torch.Tensor | list | None = None):
         self.loss, self.operator, self.y = _objective("flowchef", loss, operator, y)
         self.scale = float(scale)
 
@@ -455,25 +458,27 @@ def classifier(scale: float = 1.0, classifier: Callable | str | None = None, lab
           arxiv="2209.14687", space="x_t (through the denoiser)", extra_nfe="0 (+1 VJP)",
           defaults_source="ζ = 1.0: the reference configs use 0.3-1.0 at 1000 DDPM steps",
           notes="per-sample residual norms (the reference code's norm couples the batch)")
-def dps(zeta: float = 1.0, operator=None, y=None, clip: bool = False) -> DPS:
+def dps(zeta: float = 1.0, operator=None, y: torch.Tensor | list | None = None, clip: bool = False) -> DPS:
     return DPS(zeta, operator, y, clip)
 
 
 @register("universal", family="gradient", paper="Bansal et al. 2023, Universal Guidance for Diffusion Models",
           arxiv="2302.07121", space="x_t (forward) and x0 (backward)",
-          extra_nfe="× recurrence (+1 VJP each)",
+          extra_nfe="k−1 with recurrence k (and 1 VJP per evaluation)",
           defaults_source="s = 5, k = 5: the README's ImageNet CLIP guidance; m = 0 (backward off), lr 1e-3")
 def universal(forward_scale: float = 5.0, backward_steps: int = 0, recurrence: int = 5, loss=None, operator=None,
-              y=None, lr: float = 1e-3, cutoff: float = 1e-5, clip: bool = False) -> Universal:
+              y: torch.Tensor | list | None = None, lr: float = 1e-3, cutoff: float = 1e-5,
+              clip: bool = False) -> Universal:
     return Universal(forward_scale, backward_steps, recurrence, loss, operator, y, lr, cutoff, clip)
 
 
 @register("tfg", family="gradient",
           paper="Ye et al. 2024, TFG: Unified Training-Free Guidance for Diffusion Models", arxiv="2409.15761",
-          space="x_t (mean) and x0 (variance)", extra_nfe="× recurrence (+1 VJP each)",
+          space="x_t (mean) and x0 (variance)", extra_nfe="k−1 with recurrence k (and 1 VJP per evaluation)",
           defaults_source="ρ = μ = 1, γ = 0.01, n = 4, recurrence = iterations = 1: utils/configs.py")
 def tfg(rho: float = 1.0, mu: float = 1.0, gamma: float = 0.01, recurrence: int = 1, iterations: int = 1,
-        loss=None, operator=None, y=None, n_mc: int = 4, schedule: str = "increase", clip: bool = True) -> TFG:
+        loss=None, operator=None, y: torch.Tensor | list | None = None, n_mc: int = 4, schedule: str = "increase",
+        clip: bool = True) -> TFG:
     return TFG(rho, mu, gamma, recurrence, iterations, loss, operator, y, n_mc, schedule, clip)
 
 
@@ -482,5 +487,5 @@ def tfg(rho: float = 1.0, mu: float = 1.0, gamma: float = 0.01, recurrence: int 
                 "Generation", arxiv="2412.00100", space="x_t = x0 (gradient skipping, flow models)",
           extra_nfe="0 (no network backward)",
           defaults_source="s = 100: the reference's gradient_scale default (its inverse-problem script: 500)")
-def flowchef(scale: float = 100.0, loss=None, operator=None, y=None) -> FlowChef:
+def flowchef(scale: float = 100.0, loss=None, operator=None, y: torch.Tensor | list | None = None) -> FlowChef:
     return FlowChef(scale, loss, operator, y)
