@@ -283,7 +283,9 @@ class Universal(_NetworkGradient):
         """Adam (β = 0.9, 0.999, ε = 1e−8, as torch.optim.Adam) on ``ℓ(x0)``, elementwise, so per sample; a sample
         whose loss is below ``cutoff`` keeps its value for that iteration (its moments still update, as in the
         reference, which reverts the sample after the optimiser's step)."""
-        z, m, v = x0, torch.zeros_like(x0), torch.zeros_like(x0)
+        dtype = x0.dtype
+        z = x0.float() if dtype in (torch.float16, torch.bfloat16) else x0  # Adam's v = grad² underflows in half
+        m, v = torch.zeros_like(z), torch.zeros_like(z)
         for k in range(1, self.backward_steps + 1):
             z = _clip(z, self.clip)
             with torch.enable_grad():
@@ -295,7 +297,7 @@ class Universal(_NetworkGradient):
             v = 0.999 * v + 0.001 * grad * grad
             step = self.lr * (m / (1 - 0.9**k)) / ((v / (1 - 0.999**k)).sqrt() + 1e-8)
             z = torch.where(active, z - step, z)
-        return _clip(z, self.clip)
+        return _clip(z, self.clip).to(dtype)
 
     def options(self):
         return {"forward_scale": self.forward_scale, "backward_steps": self.backward_steps,
