@@ -12,9 +12,12 @@ prediction ``d = (x̂0, ε̂)`` at ``(x_t, t)``. Two kinds of move, in the notat
 
 Gradients through the denoiser come from the open loop's gradient branch: the conditional prediction is evaluated
 with autograd on, from a leaf ``ctx.inputs["cond"]`` (one activation graph per evaluation, freed when the
-evaluation ends; every other branch has none). Gradients of a loss on x̂0 alone (classifier, FlowChef, TFG's and
-universal's x0 steps) need no graph of the network. Losses are per sample and reduced in float32 or better; the
-gradient of their sum is each sample's own gradient (no batch-coupled norms, unlike the DPS reference code).
+evaluation ends; every other branch has none). In a stack with CFG the gradient goes through the conditional
+prediction alone (through the guided one it would need the unconditional branch's graph too); the conditional
+branch then runs in a pass of its own, the unconditional one without a graph. Gradients of a loss on x̂0 alone
+(classifier, FlowChef, TFG's and universal's x0 steps) need no graph of the network. Losses are per sample and
+reduced in float32 or better; the gradient of their sum is each sample's own gradient (no batch-coupled norms,
+unlike the DPS reference code).
 
 Objectives: ``operator=`` and ``y=`` (``steer.operators``, or its spec string; y a tensor, batch-first or
 broadcastable, or a nested list, which a spec string can hold) give the measurement
@@ -33,9 +36,7 @@ from ..core import Branch, Ctx, Denoised
 from .core import Corrector, check_choice, register
 
 __all__ = ["Classifier", "DPS", "Universal", "TFG", "FlowChef", "classifier", "dps", "universal", "tfg", "flowchef",
-           "score_shift", "hold_eps", "RENOISE_SOLVERS"]
-
-RENOISE_SOLVERS = "ddim, ddpm, euler, euler_ancestral, dpmpp_2m"
+           "score_shift", "hold_eps"]
 
 
 def _sum(v: torch.Tensor) -> torch.Tensor:
