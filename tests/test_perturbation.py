@@ -225,9 +225,9 @@ def test_nag_changes_only_the_positive_rows_and_is_identity_at_scale_one():
     labels = torch.tensor([1, 2])
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     plain = steer.sample(den, noise=z, cond=labels, steps=4)
-    same = steer.sample(den, noise=z, cond=labels, guidance="nag(scale=1)", steps=4, return_info=True)
+    same = steer.sample(den, noise=z, cond=labels, guidance="nag_comfy(scale=1)", steps=4, return_info=True)
     assert torch.allclose(same.x, plain, atol=1e-5) and same.nfe == 4  # φ = 1 is inactive: no negative pass
-    moved = steer.sample(den, noise=z, cond=labels, guidance="nag(scale=5)", steps=4)
+    moved = steer.sample(den, noise=z, cond=labels, guidance="nag_comfy(scale=5)", steps=4)
     assert (moved - plain).abs().max() > 1e-3
     # the positive rows under NAG, by hand: blend each attention layer's outputs of the two rows, same batch
     net = den.net
@@ -266,7 +266,7 @@ def test_sag_mask_from_received_attention():
 
 @pytest.mark.parametrize("spec,min_acc", [
     ("pag(scale=3)", 0.7), ("seg(scale=3)", 0.85), ("tpg(scale=3)", 0.6), ("slg(scale=3)", 0.85),
-    ("nag(scale=3)", 0.85), ("sag(scale=1.75, source='cond')", 0.85), ("cfg(scale=2) + pag(scale=2)", 0.95),
+    ("nag_comfy(scale=3)", 0.85), ("sag(scale=1.75, source='cond')", 0.85), ("cfg(scale=2) + pag(scale=2)", 0.95),
     ("cfg(scale=2) + sag(scale=1.75)", 0.95),
     ("autoguidance(scale=2, guide='flow-weak')", 0.85)])
 def test_every_perturbation_method_runs_on_the_shipped_digits_model(spec, min_acc):
@@ -331,3 +331,26 @@ def test_default_layers_on_a_model_without_that_kind_of_site_is_an_error():
 
     with pytest.raises(ValueError, match="has no attention sites"):
         hooks.select_sites(BlocksOnly(), hooks.IdentityAttention())
+
+
+def test_official_nag_on_a_cross_attention_site_by_hand():
+    """hooks.NormalizedCrossAttention on a plain cross-attention site: row 0's queries against row 1's keys/values
+    give Z⁻; the output is the L1 blend (α = 0.5) of Z⁺ with φ Z⁺ − (φ − 1) Z⁻, its norm ratio clipped at τ."""
+    torch.manual_seed(0)
+    site = hooks.CrossAttention(8, 6, heads=2)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    phi, tau = 4.0, 2.5
+    with torch.no_grad():
+        with hooks.perturb(type("M", (), {"sites": lambda self: {"c": site}})(),
+                           {(0, 1): hooks.NormalizedCrossAttention("c", phi, tau)}, {(0, 1): (1, 2)}):
+            got = site(x, ctx)
+        clean = site(x, ctx)
+        q = site.q(x).reshape(2, 5, 2, 4).transpose(1, 2)
+        k, v = site.kv(ctx).reshape(2, 3, 2, 2, 4).permute(2, 0, 3, 1, 4)
+        zp = F.scaled_dot_product_attention(q[:1], k[:1], v[:1]).transpose(1, 2).reshape(1, 5, 8)
+        zn = F.scaled_dot_product_attention(q[:1], k[1:], v[1:]).transpose(1, 2).reshape(1, 5, 8)
+        zt = phi * zp - (phi - 1) * zn
+        rho = zt.abs().sum(-1, keepdim=True) / zp.abs().sum(-1, keepdim=True)
+        expect = site.proj(0.5 * zt * torch.clamp(rho, max=tau) / rho + 0.5 * zp)
+    assert torch.allclose(got[0], expect[0], atol=1e-6) and torch.equal(got[1], clean[1])
+    assert (got[0] - clean[0]).abs().max() > 1e-3
