@@ -69,10 +69,18 @@ CASES = {
                  own_negative=True)],
     "nag_comfy": [dict(scale=4.0, tau=2.0, alpha=0.25, layers=["blocks.0.attn"], use_negative=True)],
     "sag": [dict(scale=1.5, blur_sigma=2.0, layers="blocks.1.attn", source="cond")],
+    "classifier": [dict(scale=2.0, classifier="digits", label=3), dict(scale=3.0, classifier="digits",
+                                                                      unconditional=True)],
+    "dps": [dict(zeta=0.3, operator="downsample(2)", y=[[[[0.5]]]], clip=True)],
+    "universal": [dict(forward_scale=2.0, backward_steps=2, recurrence=3, operator="inpaint(box=(0, 0, 2, 2))",
+                       y=[[[[0.5, 0.1], [0.2, 0.3]]]], lr=0.01, cutoff=1e-4, clip=True)],
+    "tfg": [dict(rho=2.0, mu=0.5, gamma=0.1, recurrence=2, iterations=4, operator="blur(sigma=2.0, size=3)",
+                 y=[[[[0.5]]]], n_mc=2, schedule="constant", clip=False)],
+    "flowchef": [dict(scale=50.0, operator="downsample(factor=4)", y=[[[[0.5]]]])],
 }
 TERM_CASES = [dict(sigma_lo=0.1, sigma_hi=5.0, schedule="clamp_linear", clamp=3.0),
               dict(when=(0.28, math.inf), schedule="cosine")]
-NOT_IN_SPECS = {"modifier"}  # an object, not a literal: see test_cfg_with_a_modifier_object
+NOT_IN_SPECS = {"modifier", "loss"}  # objects, not literals: see test_cfg_with_a_modifier_object (loss: a function)
 
 
 def cases():

@@ -424,11 +424,12 @@ def testbed_train(
     seed: int = typer.Option(0, help="Random seed (the same seed reproduces the weights on one machine)."),
     out: Optional[FilePath] = typer.Option(None, help="Directory for the weights and manifest.json "
                                            "(default: the package's steer/testbeds/weights)."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated subset of eps, flow, flow-weak, classifier "
-                                       "(the manifest keeps the other entries)."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated subset of eps, flow, flow-weak, classifier, "
+                                       "noisy-classifier (the manifest keeps the other entries)."),
     smoke: bool = typer.Option(False, "--smoke", hidden=True, help="Tiny networks, a few steps (for tests)."),
 ):
-    """Train the testbed's checkpoints (digits: eps, flow, flow-weak, classifier), writing each file atomically."""
+    """Train the testbed's checkpoints (digits: eps, flow, flow-weak, classifier, noisy-classifier), writing each file
+    atomically."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -34,7 +34,8 @@ from .cfg import (
                   tag,
                   tcfg,
 )
-from .core import REGISTRY, Guidance, OutputModifier, Stack, Term, interval, parse
+from .core import REGISTRY, Corrector, Guidance, OutputModifier, Stack, Term, interval, parse
+from .gradient import DPS, TFG, Classifier, FlowChef, Universal, classifier, dps, flowchef, tfg, universal
 from .perturbation import (
                   NAG,
                   SAG,
@@ -57,4 +58,5 @@ __all__ = ["REGISTRY", "Ctx", "Modifier", "Guidance", "OutputModifier", "Stack",
            "DynamicThreshold", "PerpNeg", "Rescale", "ZeroStar", "adaptive", "apg", "cfg", "cfg_rescale",
            "cfg_zero_star", "cfgpp", "characteristic", "dynamic_threshold", "fdg", "mambo", "perp_neg", "tag", "tcfg",
            "SCHEDULES", "get_schedule", "Autoguidance", "Branch", "Perturbed", "autoguidance", "pag", "seg", "slg",
-           "tpg", "NAG", "NAGComfy", "SAG", "nag", "nag_comfy", "sag"]
+           "tpg", "NAG", "NAGComfy", "SAG", "nag", "nag_comfy", "sag", "Corrector", "Classifier", "DPS", "Universal",
+           "TFG", "FlowChef", "classifier", "dps", "universal", "tfg", "flowchef"]
