@@ -2,7 +2,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install demo test bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -16,9 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/steer demo
 
-test: $(STAMP)
+# the report test opens the HTML report in headless Chromium (Debian's package, installed when missing)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the report test"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	STEER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/solvers.py

@@ -17,8 +17,8 @@ import steer
 from steer.paths import uniform_lambda
 from steer.testbeds import gmm
 
-SOLVERS = ["euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m(variant='published')", "unipc",
-           "unipc(corrector=False)", "deis", "deis(order=3)", "dpmpp_2m(momentum=0.8)"]
+SOLVERS = ["euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m(variant='taylor')", "dpmpp_3m(variant='published')",
+           "unipc", "unipc(corrector=False)", "deis", "deis(order=3)", "dpmpp_2m(momentum=0.8)"]
 CASES = {"flow": (1.0, 0.02, "flow"), "vp-linear": (1.0, 0.01, "eps")}
 
 

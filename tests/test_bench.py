@@ -52,7 +52,7 @@ def test_a_sweep_killed_with_sigkill_resumes_with_every_cell_once(tmp_path):
     _, cells = load_sweep(config)
     killed = tmp_path / "killed.sqlite"
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(steer.__file__))}
-    proc = subprocess.Popen([sys.executable, "-m", "steer.bench.runner", str(config), "--db", str(killed),
+    proc = subprocess.Popen([sys.executable, "-m", "steer.bench.run", str(config), "--db", str(killed),
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     done = 0
@@ -116,6 +116,16 @@ def test_rerunning_a_finished_sweep_runs_nothing(tmp_path):
     ('name = "x"\nmodels = ["gmm-flow"', "sweep.toml: not valid TOML"),
     ('name = "x"\nmodels = ["gmm-flow"]\nsteps = [4]\nnfe = [8]',
      "sweep.toml: steps, nfe: give steps = [...] or nfe = [...] (an NFE budget per sample), not both"),
+    ('name = "x"', "sweep.toml: models, claims: give models = [...] (a grid) or [[claims]] entries"),
+    ('name = "x"\n[[claims]]\nid = "a"\npaper = "p"\nclaim = "c"\nmodel = "gmm-flow"\nmethod = "none"\n'
+     'baseline = "cfg(scale=2)"\nexpect = [{ metric = "energy", relation = "lower" }]\nsolvr = "euler"',
+     "sweep.toml: claims[a].solvr: unknown key; allowed: id, paper, claim, model, solver"),
+    ('name = "x"\n[[claims]]\nid = "a"\npaper = "p"\nclaim = "c"\nmodel = "gmm-flow"\nmethod = "none"\n'
+     'baseline = "cfg(scale=2)"\nexpect = [{ metric = "energy", relation = "smaller" }]',
+     "sweep.toml: claims[a].expect.0.relation: Input should be 'lower' or 'higher'"),
+    ('name = "x"\n[[claims]]\nid = "a"\npaper = "p"\nclaim = "c"\nmodel = "gmm-flow"\nmethod = "none"\n'
+     'baseline = "cfg(scale=2)"\nexpect = [{ metric = "fd", relation = "lower" }]',
+     "sweep.toml: metric 'fd' does not apply to model 'gmm-flow'; allowed for it: accuracy, energy"),
 ])
 def test_bad_configs_give_one_line_and_write_nothing(tmp_path, text, message):
     config = write(tmp_path, text)
@@ -128,7 +138,7 @@ def test_bad_configs_give_one_line_and_write_nothing(tmp_path, text, message):
 
 
 def test_presets_load():
-    for name, n in (("demo", 15), ("guidance-scales", 93), ("solvers", 32)):
+    for name, n in (("demo", 15), ("guidance-scales", 93), ("solvers", 32), ("claims", 32)):
         sweep, cells = load_sweep(name)
         assert sweep.name == name and len(cells) == n and len({c.key for c in cells}) == n
 
@@ -174,7 +184,7 @@ def test_torchrun_with_two_processes_gives_the_cells_of_one(tmp_path):
     config = write(tmp_path, SWEEP.replace("[4, 8, 16]", "[4, 8]"))
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(steer.__file__)), "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two.sqlite"
-    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "steer.bench.runner", str(config),
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "steer.bench.run", str(config),
                           "--db", str(two), "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     one = tmp_path / "one.sqlite"
@@ -185,23 +195,61 @@ def test_torchrun_with_two_processes_gives_the_cells_of_one(tmp_path):
         assert a[key][1] == b[key][1] and a[key][0] == pytest.approx(b[key][0], rel=1e-12, abs=1e-15)
 
 
-def test_report_is_a_static_folder_whose_images_and_plots_all_exist(tmp_path):
-    """A digits sweep (two methods at two scales) and a mixture sweep into one database; the report's HTML parses,
-    every image it names is a PNG in the folder, every plot is well-formed SVG, and the page says how to read the
-    metrics. (Opening it in a headless browser is the next step of the harness issue.)"""
-    import re
-    import xml.etree.ElementTree as ET
-    from html.parser import HTMLParser
+CLAIMS = """
+name = "c"
+seeds = [0, 1]
+samples = 300
 
+[[claims]]
+id = "2m-beats-euler"
+paper = "P1"
+claim = "dpmpp_2m is more accurate than euler at 4 steps"
+model = "gmm-flow"
+solver = "dpmpp_2m"
+baseline_solver = "euler"
+steps = 4
+method = "none"
+baseline = "none"
+expect = [{ metric = "energy", relation = "lower" }]
+
+[[claims]]
+id = "euler-beats-2m"
+paper = "P2"
+claim = "euler is more accurate than dpmpp_2m at 4 steps, and CFG changes no accuracy"
+model = "gmm-flow"
+solver = "euler"
+baseline_solver = "dpmpp_2m"
+steps = 4
+method = "none"
+baseline = "none"
+expect = [{ metric = "energy", relation = "lower" }, { metric = "accuracy", relation = "higher", margin = -1 }]
+"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A digits sweep (two methods at two scales), a mixture sweep and two claims in one database, and its report."""
     from steer.bench.report import write_report
 
+    tmp_path = tmp_path_factory.mktemp("report")
     digits_sweep = write(tmp_path, 'name = "d"\nmodels = ["digits-flow"]\nsteps = [6]\nsamples = 20\n'
                                    'metrics = ["accuracy", "fd", "saturation"]\n[[guidance]]\nmethod = "cfg"\n'
                                    'scale = [2, 4]\n[[guidance]]\nmethod = "apg"\nscale = [2, 4]\n', "d.toml")
     db = tmp_path / "r.sqlite"
     run(digits_sweep, db, progress=False)
     run(write(tmp_path, SWEEP.replace("[4, 8, 16]", "[4]"), "g.toml"), db, progress=False)
-    index = write_report(db, tmp_path / "report")
+    run(write(tmp_path, CLAIMS, "c.toml"), db, progress=False)
+    return db, write_report(db, tmp_path / "report")
+
+
+def test_report_is_a_static_folder_whose_images_and_plots_all_exist(report):
+    """The report's HTML parses, every image it names is a PNG in the folder, every plot is well-formed SVG, and
+    the page says how to read the metrics."""
+    import re
+    import xml.etree.ElementTree as ET
+    from html.parser import HTMLParser
+
+    _, index = report
     page = index.read_text()
 
     class Images(HTMLParser):
@@ -221,3 +269,62 @@ def test_report_is_a_static_folder_whose_images_and_plots_all_exist(tmp_path):
     for svg in svgs:
         ET.fromstring(svg)
     assert "Pareto front" in page and "Fréchet distance" in page and "gmm-flow" in page
+
+
+def test_claims_table_compares_the_means_over_seeds(report):
+    """Each claim's verdict follows from the metrics of its cells in the database, recomputed here: an expectation
+    holds when it holds for the means over seeds, and is clear when the difference exceeds two standard errors."""
+    import math
+    import statistics
+
+    from steer.bench.report import claim_results
+
+    db, index = report
+    store = Store(db)
+    rows, results = store.rows(), {c["id"]: c for c in claim_results(store)}
+    store.close()
+
+    def values(solver, metric):
+        return [r["result"]["metrics"][metric] for r in rows if r["config"]["solver"] == solver
+                and r["config"].get("steps") == 4 and r["config"]["samples"] == 300]
+
+    e2m, eeu = values("dpmpp_2m", "energy"), values("euler", "energy")
+    assert len(e2m) == len(eeu) == 2  # the two claims share their four cells
+    lower = statistics.fmean(e2m) < statistics.fmean(eeu)
+    clear = abs(statistics.fmean(e2m) - statistics.fmean(eeu)) > 2 * math.sqrt(
+        (statistics.variance(e2m) + statistics.variance(eeu)) / 2)
+
+    def verdict(holds):
+        return "reproduced" if holds and clear else "not reproduced" if clear else "inconclusive"
+
+    assert results["2m-beats-euler"]["verdict"] == verdict(lower)
+    checks = results["euler-beats-2m"]["checks"]
+    assert [(c["holds"], c["clear"]) for c in checks] == [(not lower, clear), (True, True)]
+    assert statistics.fmean(checks[0]["method"]) == pytest.approx(statistics.fmean(eeu))
+    assert results["euler-beats-2m"]["verdict"] == verdict(not lower)
+    page = index.read_text()
+    marks = ("✓ reproduced", "✗ not reproduced", "~ within noise")
+    assert "Paper claims" in page and sum(page.count(m) for m in marks) == 2
+
+
+def test_report_loads_in_headless_chromium(report, tmp_path):
+    """Chromium opens the report from disk (no server, no network): every image and inline plot rendered, no
+    console message; a screenshot is saved. A page with a missing image is caught by the same check."""
+    import shutil
+
+    from steer.bench.browser import check_page, find_chromium, screenshot
+
+    if find_chromium() is None:
+        if os.environ.get("STEER_REQUIRE_BROWSER"):
+            pytest.fail("chromium is missing although the Makefile's test set-up installs it")
+        pytest.skip("no chromium (make test installs it)")
+    _, index = report
+    got = check_page(index)
+    assert got["ok"] and got["images"] == 4 and got["plots"] >= 6 and got["console"] == [], got
+    png = screenshot(index, tmp_path / "report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    broken = tmp_path / "broken"
+    shutil.copytree(index.parent, broken)
+    next((broken / "grids").iterdir()).unlink()
+    got = check_page(broken / "index.html")
+    assert not got["ok"] and got["broken"] == 1

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import steer
 from steer.cli import app
 from steer.testbeds import digits
-from steer.testbeds.digits_net import NULL_LABEL, DigitClassifier, DigitsNet
+from steer.testbeds.digits_net import NULL_LABEL, DigitClassifier, DigitsNet, NoisyDigitClassifier
 
 N = 300  # samples per sanity check, labels cycling 0–9
 LABELS = torch.arange(N) % 10
@@ -89,6 +89,10 @@ def test_each_checkpoint_loads_and_matches_its_checksum(name, models):
     sd = torch.load(digits.WEIGHTS_DIR / entry["file"], weights_only=True)
     assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
     m = models[name]
+    if name == "noisy-classifier":
+        assert isinstance(m, NoisyDigitClassifier) and not m.training
+        assert m(torch.zeros(2, 1, 8, 8), 0.5, "flow").shape == (2, 10)
+        return
     if name == "classifier":
         assert isinstance(m, DigitClassifier) and not m.training
         assert m.features(torch.zeros(2, 1, 8, 8)).shape == (2, 128)
@@ -123,7 +127,7 @@ def test_flow_weak_is_smaller():
 
 
 def test_unknown_name():
-    with pytest.raises(ValueError, match="allowed: eps, flow, flow-weak, classifier"):
+    with pytest.raises(ValueError, match="allowed: eps, flow, flow-weak, classifier, noisy-classifier"):
         digits.load("mnist")
 
 
@@ -216,7 +220,7 @@ def test_training_smoke(tmp_path):
     again = digits.train_all(tmp_path / "again", seed=0, recipes=digits.tiny_recipes(iters=2), names=("flow",))
     assert again["flow"]["sha256"] == entries["flow"]["sha256"]
     res = CliRunner().invoke(app, ["testbed", "train", "digits", "--smoke", "--out", str(out),
-                                   "--only", "eps,flow-weak"], env={"COLUMNS": "200"})
+                                   "--only", "eps,flow-weak,noisy-classifier"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / digits.MANIFEST).read_text())
     assert list(manifest["models"]) == list(digits.NAMES)

@@ -437,7 +437,7 @@ def test_batch_invariance(spec):
     z = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(16) % 3
     neg = (labels + 1) % 3
-    solver = "ddim" if "cfgpp" in spec else "dpmpp_2m"
+    solver = "ddim" if ("cfgpp" in spec or "tag" in spec) else "dpmpp_2m"
     full = steer.sample(den, noise=z, cond=labels, negative=neg, guidance=spec, solver=solver, steps=6)
     alone = steer.sample(den, noise=z[7:8], cond=labels[7:8], negative=neg[7:8], guidance=spec, solver=solver, steps=6)
     assert torch.allclose(full[7:8], alone, atol=1e-5), spec
@@ -481,25 +481,33 @@ def test_adaptive_x0_test_keeps_guidance_and_eps_test_latches_at_once(toy):
     assert nfe_eps == 26 and abs(lp_eps - lp_none) < 1e-3  # ε̂_c ≈ ε̂_u ≈ x/σ at the first step: latched at once
 
 
-def test_characteristic_moves_cfg_towards_the_tilted_target():
-    """Two 1-D classes N(±1, 0.5²); the CFG target p(x|c)^w p(x)^(1−w) (by quadrature). The CFG ODE overshoots it
-    (reference notes D5); characteristic guidance's non-linear correction lands closer in mean and spread."""
+def test_characteristic_closes_most_of_cfgs_gap_to_the_tilted_target():
+    """Two 1-D classes N(±1, 0.5²) on SD's schedule (vp-scaled-linear), w = 4; the CFG target
+    p(x|c)^w p(x)^(1−w) by quadrature. The gap is the 1-D Wasserstein distance W1 between the samples and the target
+    (CDF by quadrature); "closed" is 1 − W1(method)/W1(CFG), same noise, 256 samples, 12 dpmpp_2m steps.
+    Measured: the reference's settings (the defaults) close 0.61, steer's old settings (plain damped iteration,
+    λ = 1 throughout, no reuse) 0.20; with 2,000 samples and 40 steps 0.60 and (the old code) 0.19 (README). The
+    thresholds leave ~0.15 for sampling noise (the two sizes differ by 0.01–0.02)."""
     mix = gmm.GaussianMixture([[1.0], [-1.0]], stds=[0.5, 0.5], labels=[0, 1])
-    den = mix.denoiser("vp-linear", "eps")
-    xs = torch.linspace(-4, 5, 20001, dtype=torch.float64)[:, None]
+    den = mix.denoiser("vp-scaled-linear", "eps")
+    xs = torch.linspace(-4, 5, 40001, dtype=torch.float64)
     w = 4.0
-    lt = (w * mix.log_marginal(xs, 1.0, 0.0, torch.zeros(len(xs), dtype=torch.long))
-          + (1 - w) * mix.log_marginal(xs, 1.0, 0.0))
-    pt = torch.softmax(lt, 0)
-    mean = float((pt * xs[:, 0]).sum())
-    std = float((pt * (xs[:, 0] - mean) ** 2).sum().sqrt())
-    z = torch.randn(2000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    labels = torch.zeros(2000, dtype=torch.long)
-    x_cfg = steer.sample(den, noise=z, cond=labels, guidance=f"cfg(scale={w})", solver="dpmpp_2m", steps=40)
-    x_chg = steer.sample(den, noise=z, cond=labels, guidance=f"characteristic(scale={w})", solver="dpmpp_2m", steps=40)
-    # measured: target mean 1.06, std 0.45; CFG 1.67, 0.29; characteristic 1.58, 0.335
-    assert abs(float(x_chg.mean()) - mean) < 0.9 * abs(float(x_cfg.mean()) - mean)
-    assert abs(float(x_chg.std()) - std) < 0.8 * abs(float(x_cfg.std()) - std)
+    lt = (w * mix.log_marginal(xs[:, None], 1.0, 0.0, torch.zeros(len(xs), dtype=torch.long))
+          + (1 - w) * mix.log_marginal(xs[:, None], 1.0, 0.0))
+    cdf = torch.cumsum(torch.softmax(lt, 0), 0)
+
+    def w1(x):
+        s = torch.sort(x.flatten()).values
+        emp = torch.searchsorted(s, xs.contiguous(), right=True).double() / len(s)
+        return float((emp - cdf).abs().sum() * (xs[1] - xs[0]))
+
+    z = torch.randn(256, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(256, dtype=torch.long)
+    run = lambda spec: w1(steer.sample(den, noise=z, cond=labels, guidance=spec, solver="dpmpp_2m", steps=12))  # noqa
+    gap = run(f"cfg(scale={w})")
+    closed_ref = 1 - run(f"characteristic(scale={w})") / gap
+    closed_old = 1 - run(f"characteristic(scale={w}, anderson=False, reg_range=None, reuse=0.0)") / gap
+    assert closed_ref > 0.45 and closed_old < 0.35, (closed_ref, closed_old)
 
 
 def test_perp_neg_keeps_the_prompt_when_the_negative_overlaps_it(toy):

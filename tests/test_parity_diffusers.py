@@ -138,10 +138,10 @@ def test_heun_levels_repeat_but_grid_does_not():
 
 
 def test_taylor_3m_is_not_diffusers_3m():
-    """steer's default ``dpmpp_3m`` (Taylor coefficient 2·A2 on D2, plus a 2nd-order warm-up step costing one NFE)
-    is a different method from diffusers' order-3 DPM-Solver++ (coefficient A2, = ``variant='published'``)."""
+    """steer's ``dpmpp_3m(variant='taylor')`` (Taylor coefficient 2·A2 on D2, plus a 2nd-order warm-up step costing
+    one NFE) is a different method from diffusers' order-3 DPM-Solver++ (coefficient A2, = ``variant='published'``)."""
     pub, x_d, _, nfe_d = run_both("dpmpp_3m(variant='published')", "vp-linear", 20, scheduler="dpmpp_3m")
-    tay, _, _, _ = run_both("dpmpp_3m", "vp-linear", 20, scheduler="dpmpp_3m")
+    tay, _, _, _ = run_both("dpmpp_3m(variant='taylor')", "vp-linear", 20, scheduler="dpmpp_3m")
     assert maxdiff(pub.x, x_d) < TOL
     assert tay.nfe == nfe_d + 1
     assert maxdiff(tay.x, x_d) > 1e-4

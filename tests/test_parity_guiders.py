@@ -149,8 +149,12 @@ def test_fdg(levels, parallel):
     scales = [10.0] * (levels - 1) + [5.0]
     d = run_diffusers(guiders.FrequencyDecoupledGuidance(guidance_scales=scales, parallel_weights=[parallel] * levels),
                       c, u)
-    ours = g.fdg(scale_low=5.0, scale_high=10.0, levels=levels, parallel_weight=parallel, space="raw")
+    ours = g.fdg(scale_low=5.0, scale_high=10.0, levels=levels, parallel_weight=parallel, space="raw",
+                 form="diffusers")
     assert close(steer_combine(ours, c, u), d)
+    if parallel == 1.0:  # without projection diffusers' form is the paper's (the default)
+        paper = g.fdg(scale_low=5.0, scale_high=10.0, levels=levels, space="raw")
+        assert close(steer_combine(paper, c, u), d)
 
 
 def test_diffusers_fdg_returns_padded_latents_for_other_sizes():

@@ -101,19 +101,51 @@ def test_middle_block_default_and_pattern_errors():
         hooks.select_sites(object(), hooks.IdentityAttention())
 
 
-def test_seg_finite_blur_matches_a_hand_gaussian():
-    """σ = 1 on the 4×4 grid: kernel size ⌈6σ⌉+1 = 7 clipped to 3, weights ∝ exp(−x²/2), reflect padding."""
-    q = torch.randn(1, 1, 16, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    w = torch.tensor([math.exp(-0.5), 1.0, math.exp(-0.5)], dtype=torch.float64)
+def _official_seg_blur(q, side, sigma):
+    """An independent re-implementation of the official SEG query blur (SusungHong/SEG-SDXL pipeline_seg.py,
+    ``SEGCFGSelfAttnProcessor`` + ``gaussian_blur_2d``): ``m + 1 − (m mod 2)`` taps with ``m = ⌈6σ⌉``, clipped to
+    ``side − (side mod 2 − 1)``, a 2-D kernel from ``linspace(−half, half)``, reflect padding, one 2-D convolution
+    per channel (channel = head × feature, the tokens as a square grid)."""
+    b, h, n, d = q.shape
+    m = math.ceil(6 * sigma)
+    k = min(m + 1 - m % 2, side - (side % 2 - 1))
+    x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    k1 = pdf / pdf.sum()
+    kernel = (k1[:, None] * k1[None, :]).expand(h * d, 1, k, k)
+    img = q.permute(0, 1, 3, 2).reshape(b, h * d, side, side)
+    img = F.conv2d(F.pad(img, [k // 2] * 4, mode="reflect"), kernel, groups=h * d)
+    return img.reshape(b, h, d, n).permute(0, 1, 3, 2)
+
+
+@pytest.mark.parametrize("side, sigma", [(16, 0.5), (16, 1.5), (16, 2.5),  # below the clip
+                                         (4, 1.0), (5, 2.0), (32, 6.0), (2, 0.7)])  # clipped (+1 on even sides)
+def test_seg_finite_blur_matches_the_official_kernel_rule(side, sigma):
+    q = torch.randn(2, 3, side * side, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expect = _official_seg_blur(q, side, sigma)
+    assert (hooks._blur_tokens(q, (side, side), sigma) - expect).abs().max() < 1e-12
+    # float32 queries: the same to float32 rounding
+    got32 = hooks._blur_tokens(q.float(), (side, side), sigma).double()
+    assert (got32 - expect).abs().max() < 1e-5
+
+
+def test_seg_kernel_rule_is_not_ceil_plus_one_made_odd():
+    """The rule steer had before (⌈6σ⌉ + 1 made odd, clipped to an odd size below the side) gives 5 taps at σ = 0.5
+    where the official code uses 3, and 3 taps on the 4×4 grid at σ = 1 where it uses 5: the test above can tell
+    them apart (measured differences 2.5e−3 and 0.26 on unit-variance queries)."""
+    q = torch.randn(1, 1, 256, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    five = _official_seg_blur(q, 16, 0.5 + 1e-9)  # ⌈6σ⌉ = 4: 5 taps, as the old rule at σ = 0.5
+    assert (hooks._blur_tokens(q, (16, 16), 0.5) - five).abs().max() > 1e-3
+    q4 = q[:, :, :16]
+    old = F.conv2d(F.pad(q4.permute(0, 1, 3, 2).reshape(1, 4, 4, 4), [1] * 4, mode="reflect"),
+                   _kernel3(1.0).expand(4, 1, 3, 3), groups=4).reshape(1, 1, 4, 16).permute(0, 1, 3, 2)
+    assert (hooks._blur_tokens(q4, (4, 4), 1.0) - old).abs().max() > 1e-2
+
+
+def _kernel3(sigma):
+    w = torch.exp(-0.5 * (torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / sigma) ** 2)
     w = w / w.sum()
-    img = q.reshape(4, 4)
-    pad = F.pad(img[None, None], (1, 1, 1, 1), mode="reflect")[0, 0]
-    expect = torch.zeros(4, 4, dtype=torch.float64)
-    for i in range(4):
-        for j in range(4):
-            expect[i, j] = sum(w[a] * w[b] * pad[i + a, j + b] for a in range(3) for b in range(3))
-    got = hooks._blur_tokens(q, (4, 4), 1.0)
-    assert torch.allclose(got.reshape(4, 4), expect, atol=1e-12)
+    return w[:, None] * w[None, :]
 
 
 @pytest.mark.parametrize("spec", ["pag(scale=3)", "seg(scale=3)", "slg(scale=3)", "tpg(scale=3)"])
@@ -225,9 +257,9 @@ def test_nag_changes_only_the_positive_rows_and_is_identity_at_scale_one():
     labels = torch.tensor([1, 2])
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     plain = steer.sample(den, noise=z, cond=labels, steps=4)
-    same = steer.sample(den, noise=z, cond=labels, guidance="nag(scale=1)", steps=4, return_info=True)
+    same = steer.sample(den, noise=z, cond=labels, guidance="nag_comfy(scale=1)", steps=4, return_info=True)
     assert torch.allclose(same.x, plain, atol=1e-5) and same.nfe == 4  # φ = 1 is inactive: no negative pass
-    moved = steer.sample(den, noise=z, cond=labels, guidance="nag(scale=5)", steps=4)
+    moved = steer.sample(den, noise=z, cond=labels, guidance="nag_comfy(scale=5)", steps=4)
     assert (moved - plain).abs().max() > 1e-3
     # the positive rows under NAG, by hand: blend each attention layer's outputs of the two rows, same batch
     net = den.net
@@ -266,7 +298,7 @@ def test_sag_mask_from_received_attention():
 
 @pytest.mark.parametrize("spec,min_acc", [
     ("pag(scale=3)", 0.7), ("seg(scale=3)", 0.85), ("tpg(scale=3)", 0.6), ("slg(scale=3)", 0.85),
-    ("nag(scale=3)", 0.85), ("sag(scale=1.75, source='cond')", 0.85), ("cfg(scale=2) + pag(scale=2)", 0.95),
+    ("nag_comfy(scale=3)", 0.85), ("sag(scale=1.75, source='cond')", 0.85), ("cfg(scale=2) + pag(scale=2)", 0.95),
     ("cfg(scale=2) + sag(scale=1.75)", 0.95),
     ("autoguidance(scale=2, guide='flow-weak')", 0.85)])
 def test_every_perturbation_method_runs_on_the_shipped_digits_model(spec, min_acc):
@@ -331,3 +363,26 @@ def test_default_layers_on_a_model_without_that_kind_of_site_is_an_error():
 
     with pytest.raises(ValueError, match="has no attention sites"):
         hooks.select_sites(BlocksOnly(), hooks.IdentityAttention())
+
+
+def test_official_nag_on_a_cross_attention_site_by_hand():
+    """hooks.NormalizedCrossAttention on a plain cross-attention site: row 0's queries against row 1's keys/values
+    give Z⁻; the output is the L1 blend (α = 0.5) of Z⁺ with φ Z⁺ − (φ − 1) Z⁻, its norm ratio clipped at τ."""
+    torch.manual_seed(0)
+    site = hooks.CrossAttention(8, 6, heads=2)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    phi, tau = 4.0, 2.5
+    with torch.no_grad():
+        with hooks.perturb(type("M", (), {"sites": lambda self: {"c": site}})(),
+                           {(0, 1): hooks.NormalizedCrossAttention("c", phi, tau)}, {(0, 1): (1, 2)}):
+            got = site(x, ctx)
+        clean = site(x, ctx)
+        q = site.q(x).reshape(2, 5, 2, 4).transpose(1, 2)
+        k, v = site.kv(ctx).reshape(2, 3, 2, 2, 4).permute(2, 0, 3, 1, 4)
+        zp = F.scaled_dot_product_attention(q[:1], k[:1], v[:1]).transpose(1, 2).reshape(1, 5, 8)
+        zn = F.scaled_dot_product_attention(q[:1], k[1:], v[1:]).transpose(1, 2).reshape(1, 5, 8)
+        zt = phi * zp - (phi - 1) * zn
+        rho = zt.abs().sum(-1, keepdim=True) / zp.abs().sum(-1, keepdim=True)
+        expect = site.proj(0.5 * zt * torch.clamp(rho, max=tau) / rho + 0.5 * zp)
+    assert torch.allclose(got[0], expect[0], atol=1e-6) and torch.equal(got[1], clean[1])
+    assert (got[0] - clean[0]).abs().max() > 1e-3

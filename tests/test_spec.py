@@ -52,9 +52,11 @@ CASES = {
     "adaptive": [dict(scale=4.0, threshold=0.95, test_space="eps")],
     "tcfg": [dict(scale=5.0, space="v")],
     "tag": [dict(eta=1.2, eta_r=0.9), dict(scale=3.0, eta=1.1)],
-    "fdg": [dict(scale_low=3.0, scale_high=8.0, levels=3, parallel_weight=0.5, space="raw"),
+    "fdg": [dict(scale_low=3.0, scale_high=8.0, levels=3, parallel_weight=0.5, space="raw", form="diffusers"),
             dict(scales=[9.0, 6.0, 2.0])],
-    "characteristic": [dict(scale=3.0, reg=None, step=0.5, tol=1e-3, max_iter=20)],
+    "characteristic": [dict(scale=3.0, reg=None, step=0.5, tol=1e-3, max_iter=20),
+                       dict(reg=2.0, reg_range=2.0, anderson=False, reuse=0.5, reg_size=0.3, reg_w=0.4,
+                            alpha_bar_min=0.01)],
     "dynamic_threshold": [dict(percentile=0.99, max_value=2.5)],
     "mambo": [dict(scale=6.0, alpha=4.0, space="raw")],
     "perp_neg": [dict(scale=5.0, neg_scale=0.5, space="eps")],
@@ -63,12 +65,22 @@ CASES = {
     "tpg": [dict(scale=3.0, layers=["blocks.1"], seed=7)],
     "slg": [dict(scale=2.5, layers=["blocks.1", "blocks.2"])],
     "autoguidance": [dict(scale=1.8, guide="flow-weak")],
-    "nag": [dict(scale=4.0, tau=2.0, alpha=0.25, layers=["blocks.0.attn"], use_negative=True)],
+    "nag": [dict(scale=4.0, tau=2.0, alpha=0.25, norm="l2", layers=["*.attn2", 3], use_negative=True,
+                 own_negative=True)],
+    "nag_comfy": [dict(scale=4.0, tau=2.0, alpha=0.25, layers=["blocks.0.attn"], use_negative=True)],
     "sag": [dict(scale=1.5, blur_sigma=2.0, layers="blocks.1.attn", source="cond")],
+    "classifier": [dict(scale=2.0, classifier="digits", label=3), dict(scale=3.0, classifier="digits",
+                                                                      unconditional=True)],
+    "dps": [dict(zeta=0.3, operator="downsample(2)", y=[[[[0.5]]]], clip=True)],
+    "universal": [dict(forward_scale=2.0, backward_steps=2, recurrence=3, operator="inpaint(box=(0, 0, 2, 2))",
+                       y=[[[[0.5, 0.1], [0.2, 0.3]]]], lr=0.01, cutoff=1e-4, clip=True)],
+    "tfg": [dict(rho=2.0, mu=0.5, gamma=0.1, recurrence=2, iterations=4, operator="blur(sigma=2.0, size=3)",
+                 y=[[[[0.5]]]], n_mc=2, schedule="constant", clip=False)],
+    "flowchef": [dict(scale=50.0, operator="downsample(factor=4)", y=[[[[0.5]]]])],
 }
 TERM_CASES = [dict(sigma_lo=0.1, sigma_hi=5.0, schedule="clamp_linear", clamp=3.0),
               dict(when=(0.28, math.inf), schedule="cosine")]
-NOT_IN_SPECS = {"modifier"}  # an object, not a literal: see test_cfg_with_a_modifier_object
+NOT_IN_SPECS = {"modifier", "loss"}  # objects, not literals: see test_cfg_with_a_modifier_object (loss: a function)
 
 
 def cases():
@@ -209,8 +221,8 @@ WRONG_TYPE = [
     ("characteristic(max_iter=2.5)", "characteristic: max_iter must be an integer, got 2.5 (float)"),
     ("characteristic(reg='none')", "characteristic: reg must be a number or None, got 'none' (str)"),
     ("nag(use_negative='yes')", "nag: use_negative must be True or False, got 'yes' (str)"),
-    ("pag(layers=3)", "pag: layers must be a string, a list of strings or None, got 3 (int)"),
-    ("pag(layers=['a', 1])", "pag: layers must be a string, a list of strings or None"),
+    ("pag(layers=3.5)", "pag: layers must be a string, an integer, a list of values or None, got 3.5 (float)"),
+    ("pag(layers=['a', 1.5])", "pag: layers must be a string, an integer, a list of values or None"),
     ("fdg(scales='big')", "fdg: scales must be a list of numbers or None, got 'big' (str)"),
     ("cfg(when=(1,))", "cfg: when must be a tuple of 2 numbers or None, got (1,) (tuple)"),
     ("cfg(schedule=3)", "cfg: schedule must be a string, a function or None, got 3 (int)"),

@@ -1,8 +1,9 @@
 """steer: inference-time steering of diffusion and flow-matching models."""
 
-from . import paths, prediction
+from . import particles, paths, prediction, rewards  # noqa: E402  (particle steering: steer.smc)
 from .core import NonFiniteError
 from .models import Denoiser, denoiser
+from .particles import SMCResult, smc
 from .paths import get_path
 from .sampling import Sampler, SampleResult, Step, sample, sampler
 from .solvers import SOLVERS, get_solver
@@ -11,4 +12,4 @@ from .testbeds import digits, gmm  # noqa: F401  (they register their models by 
 __version__ = "0.1.0"
 
 __all__ = ["sample", "sampler", "Sampler", "Step", "denoiser", "Denoiser", "get_path", "get_solver", "SOLVERS",
-           "SampleResult", "NonFiniteError", "paths", "prediction"]
+           "SampleResult", "NonFiniteError", "paths", "prediction", "smc", "SMCResult", "particles", "rewards"]

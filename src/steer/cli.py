@@ -28,7 +28,7 @@ err_console = Console(stderr=True)
 MODELS = ("gmm", "digits", "digits-eps")
 DIGITS_CHECKPOINTS = {"digits": "flow", "digits-eps": "eps"}
 DEFAULT_SOLVER = "dpmpp_2m"
-COMPARE_SOLVERS = ("euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m(variant='published')",
+COMPARE_SOLVERS = ("euler", "heun", "midpoint", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m(variant='taylor')",
                    "unipc", "deis")
 COMPARE_STEPS = (5, 10, 20)
 JSON_HELP = "Print every field as JSON (for scripts) instead of the summary."
@@ -98,6 +98,24 @@ def solvers(long: bool = typer.Option(False, "--long", help="Show every solver's
         print(f"{'*' if r['name'] == DEFAULT_SOLVER else ' '} {r['name']:<16} {r['order']:<6} "
               f"{'SDE' if r['stochastic'] else 'ODE':<5} {r['nfe_per_step']:<9} {arxiv.group(1) if arxiv else '-'}")
     print("NFE/step: model evaluations per step (times the guidance's branches).")
+    _print_most_accurate()
+
+
+def _print_most_accurate() -> None:
+    from .solver_accuracy import ACCURACY, SAMPLES
+    from .solvers import most_accurate
+
+    budgets = sorted({b for cells in ACCURACY.values() for b in cells})
+    _print_wrapped(f"Most accurate ODE solver per path at {' / '.join(map(str, budgets))} NFE per sample, measured "
+                   f"(RMS error against the exact PF-ODE solution; Gaussian-mixture testbed, {SAMPLES} samples, the "
+                   "path's default grid; benchmarks/out/solver_table.md):")
+    for path in ACCURACY:
+        cells = []
+        for b in budgets:
+            best = most_accurate(path, b)
+            name = "-" if best is None else best[0].replace("(variant='published')", "").replace("variant=", "")
+            cells.append(f"{b}:\xa0{name}" + ("" if best is None else f"\xa0{best[1]['error']:.1e}"))
+        _print_wrapped(f"  {path}: " + ", ".join(cells), indent=4)
 
 
 def _method_rows() -> list[dict]:
@@ -483,11 +501,12 @@ def testbed_train(
     seed: int = typer.Option(0, help="Random seed (the same seed reproduces the weights on one machine)."),
     out: Optional[FilePath] = typer.Option(None, help="Directory for the weights and manifest.json "
                                            "(default: the package's steer/testbeds/weights)."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated subset of eps, flow, flow-weak, classifier "
-                                       "(the manifest keeps the other entries)."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated subset of eps, flow, flow-weak, classifier, "
+                                       "noisy-classifier (the manifest keeps the other entries)."),
     smoke: bool = typer.Option(False, "--smoke", hidden=True, help="Tiny networks, a few steps (for tests)."),
 ):
-    """Train the testbed's checkpoints (digits: eps, flow, flow-weak, classifier), writing each file atomically."""
+    """Train the testbed's checkpoints (digits: eps, flow, flow-weak, classifier, noisy-classifier), writing each file
+    atomically."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -127,7 +127,8 @@ class Ctx:
 
     ``state`` is the guidance state of this sampling call, keyed by the method object that owns an entry (APG's
     momentum, Adaptive Guidance's latch): batch-first tensors that ``take`` reindexes with the rest of the
-    sampler state. ``evaluate({branch: x})`` runs extra evaluations (counted as NFEs)."""
+    sampler state. ``evaluate({branch: x})`` runs extra evaluations (counted as NFEs). Gradient guidance reads
+    ``conds`` (the target labels), ``grid`` and ``next`` (the time point the step ends at) and ``noise``."""
 
     x: torch.Tensor
     point: TimePoint
@@ -138,6 +139,9 @@ class Ctx:
     raw: dict = field(default_factory=dict)  # id(x0 tensor) -> the raw model output it was converted from
     state: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)  # grad branches: name -> the input leaf that requires grad
+    conds: dict = field(default_factory=dict)  # the conditionings: "cond", "uncond", "negative" (batch-first)
+    grid: tuple = ()  # the sampling grid's time points; the current step runs from grid[step] to grid[step + 1]
+    noise: Callable | None = None  # noise(like) draws standard normal noise with the sampler's per-item generators
 
     @classmethod
     def at(cls, x: torch.Tensor, path, t: float, step: int = 0, evaluate: Callable | None = None,
@@ -148,6 +152,11 @@ class Ctx:
     @property
     def sigma_bar(self) -> float:
         return self.point.sigma_bar
+
+    @property
+    def next(self) -> "TimePoint | None":
+        """The time point the current solver step ends at (None without a grid)."""
+        return self.grid[self.step + 1] if self.step + 1 < len(self.grid) else None
 
     def pred(self, preds: dict, name: str, space: str) -> torch.Tensor:
         """Branch ``name`` in ``space``: the model's own output when that is its native space, else converted."""

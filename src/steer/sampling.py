@@ -139,9 +139,17 @@ class Sampler:
             if self.guide.needs_renoise and not self.solver.supports_renoise:
                 raise ValueError(f"{self.guide!r} re-noises with its own estimate, which solver {self.solver.name!r} "
                                  "cannot use; use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
+            if self.guide.first_order_only and not (self.solver.order == 1 and self.solver.nfe_per_step == 1):
+                raise ValueError(f"{self.guide!r} amplifies the tangential part of the sampler's update, which it "
+                                 "reads from the guided x̂0 only for one-evaluation first-order solvers; solver "
+                                 f"{self.solver.name!r} (order {self.solver.order}, {self.solver.nfe_per_step} "
+                                 "evaluation(s) per step) combines several x̂0 into its update, so TAG there would not "
+                                 "be the paper's method; use one of: euler, ddim, ddpm, euler_ancestral")
         conds = {"cond": cond, "uncond": condlib.expand(uncond, batch), "negative": condlib.expand(negative, batch)}
         self.solver_state = self.solver.init(self.path, self.timesteps)
         self.ev = _Evaluator(model, self.guide, self.path, conds, batch, self.solver_state["pts"])
+        self.ev.noise = self._noise
+        self.recurrence = getattr(self.guide, "recurrence", 1) if self.guide is not None else 1
         self.ev.record("noise", noise)
         p0 = self.solver_state["pts"][0]
         self._x = noise * math.sqrt(p0.alpha**2 + p0.sigma**2)
@@ -178,8 +186,14 @@ class Sampler:
             while self.i < n:
                 i, ev = self.i, self.ev
                 ev.step, ev.first_x0 = i, None
+                pts = self.solver_state["pts"]
                 with no_grad:
-                    x, self.solver_state = self.solver.step(i, self._x, self.solver_state, ev.denoise, self._noise)
+                    x, state = self._x, self.solver_state
+                    for r in range(self.recurrence):  # self-recurrence (UGD, TFG): re-noise back to t_i and repeat
+                        if r:
+                            x = _renoise(x, pts[i + 1], pts[i], self._noise)
+                        x, new_state = self.solver.step(i, x, state, ev.denoise, self._noise)
+                    self.solver_state = new_state
                     ev.records.append(("solver", x))
                     unchecked.append((i, ev.records))
                     ev.records = []
@@ -238,6 +252,8 @@ class _Evaluator:
         self.gstate: dict = {}  # the guidance state (APG momentum, Adaptive latch), keyed by its owner
         self.raw: dict = {}  # id(x0 of a branch) -> the model output it came from (methods in the model's own space)
         self.inputs: dict = {}  # grad branches: name -> input leaf
+        self.grid = tuple(grid_points)  # the solver's time points (Ctx.grid, Ctx.next)
+        self.noise: Callable | None = None  # the sampler's noise (per-item generators)
         self.pts: dict[float, TimePoint] = {}
         for p in grid_points:
             self._check_point(p)
@@ -293,7 +309,7 @@ class _Evaluator:
                             "model(..., return_dict=False)[0])")
         if out.shape != xb.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xb.shape)}; they must match")
-        self.records.append((("model", self.step, p.sigma_bar, names), out))
+        self.records.append((("model", self.step, p.sigma_bar, names), out.detach()))  # no graph kept past the step
         return out
 
     def evaluate(self, xs: dict[str, torch.Tensor], p: TimePoint) -> dict[str, torch.Tensor]:
@@ -341,7 +357,7 @@ class _Evaluator:
             self.raw.clear()
             self.inputs.clear()
             ctx = Ctx(x, p, self.step, self.path, lambda xs: self.evaluate(xs, p), self.model.prediction, self.raw,
-                      self.gstate, self.inputs)
+                      self.gstate, self.inputs, self.conds, self.grid, self.noise)
             names = self.guide.branches(ctx)
             preds = self.evaluate({n: x for n in names}, p) if names else {}
             with torch.enable_grad() if self.inputs else contextlib.nullcontext():  # a grad branch's graph goes on
@@ -352,6 +368,13 @@ class _Evaluator:
         if self.first_x0 is None:
             self.first_x0 = d.x0
         return d
+
+
+def _renoise(x: torch.Tensor, a: TimePoint, b: TimePoint, noise) -> torch.Tensor:
+    """The forward kernel from level ``a`` back up to the noisier ``b``: ``x_b = (α_b/α_a) x_a + sqrt(σ_b² −
+    (α_b/α_a)² σ_a²) z`` (reference notes D3; on VP it is ``sqrt(ā_b/ā_a) x_a + sqrt(1 − ā_b/ā_a) z``)."""
+    r = b.alpha / a.alpha
+    return r * x + math.sqrt(max(b.sigma**2 - (r * a.sigma) ** 2, 0.0)) * noise(x)
 
 
 def _total(x: torch.Tensor):

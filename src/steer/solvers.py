@@ -223,7 +223,14 @@ class Heun(Solver):
     ``d = ε̂`` in EDM coordinates ``x̄ = x/α``, ``σ̄``: Euler predictor, then the trapezoid
     ``x̄_t = x̄_s + (σ̄_t − σ̄_s)(d_1 + d_2)/2``; on flow paths the same in ``(x, t)`` with ``d = û``
     (diffusers' FlowMatchHeun, ComfyUI). The last step to σ = 0 is a plain Euler step (EDM).
-    Steps starting from α = 0 (flow t = 1) in EDM coordinates fall back to Euler. Order 2, 2 NFE per step.
+    Steps starting from α = 0 (flow t = 1) in EDM coordinates fall back to Euler, and so does a step in EDM
+    coordinates over more than two decades of σ̄ (``σ̄_s/σ̄_t > HEUN_MAX_RATIO = 100``): the trapezoid assumes ε̂
+    linear in σ̄ over the step, and its error grows like ``Δσ̄·(ε̂_t − ε̂_s)/2``. vp-cosine's default grid starts with
+    such a step (σ̄ 2.0e4 → 6.4, its t = 1 has ᾱ ≈ 2e−9): with the trapezoid there, Heun's error against the exact
+    ODE solution was 1.9e2 at 10 NFE on the exact testbed (benchmarks/solver_table.py); the Euler step is the
+    first-order member, exact in the limit σ̄_s → ∞, as multistep solvers do at h = ∞. EDM's, diffusers' and
+    ComfyUI's grids never take such a step, so parity with them is unchanged. Order 2, 2 NFE per step (1 on the
+    steps that fall back).
     """
 
     name, order, nfe_per_step = "heun", 2, 2
@@ -233,11 +240,14 @@ class Heun(Solver):
         return heun_step(state["path"], x, denoise, state["pts"][i], state["pts"][i + 1]), state
 
 
+HEUN_MAX_RATIO = 100.0  # σ̄_s/σ̄_t above which a Heun step in EDM coordinates is an Euler step (see Heun)
+
+
 def heun_step(path: Path, x, denoise, p: TimePoint, q: TimePoint):
     d1 = denoise(x, p.t)
     e1 = _eps(x, d1, p)
     x_pred = torch.add(q.alpha * d1.x0, e1, alpha=q.sigma)
-    if q.sigma == 0:
+    if q.sigma == 0 or (path.kind != "flow" and p.sigma_bar > HEUN_MAX_RATIO * q.sigma_bar):
         return x_pred
     d2 = denoise(x_pred, q.t)
     e2 = _eps(x_pred, d2, q)
@@ -345,10 +355,13 @@ class DPMpp3M(Solver):
     ``D2 = (D1_0 − D1_1)/(r_0 + r_1)``; ``x_t = α_t m_0 + σ_t ε̂ + α_t (A1 D1 + c2 D2)`` with
     ``A1 = 1 − (1 − e^{−h})/h`` and ``A2 = 1/2 − (e^{−h} − 1 + h)/h²``.
 
-    ``variant="taylor"`` (default): ``c2 = 2·A2``. D2 estimates ``h² m''/2`` while the exact integral's
-    second-order term is ``h² A2 m''``, so the published ``c2 = A2`` (``variant="published"``, as in the
-    DPM-Solver reference code, k-diffusion and diffusers) is only second order; measured on the exact testbed
-    (tests/test_convergence.py) the published variant's error falls ~4× per halving of h, the Taylor one ~8×.
+    ``variant="published"`` (default): ``c2 = A2``, as in the DPM-Solver reference code, k-diffusion and diffusers.
+    ``variant="taylor"``: ``c2 = 2·A2``. D2 estimates ``h² m''/2`` while the exact integral's second-order term is
+    ``h² A2 m''``, so the published coefficient is only second order in the limit; measured on the exact testbed
+    (tests/test_convergence.py) the published variant's error falls ~4× per halving of h, the Taylor one ~8×. At
+    practical step counts the published one is the more accurate at equal NFE in 13 of 15 (path, budget) cells of
+    benchmarks/out/solver_table.md (every path at 10 and 20 NFE; e.g. flow, 20 NFE: 6.9e−3 against 1.0e−2), hence
+    the default.
     The Taylor variant also warms up so as not to spoil its order: with no usable history it takes a
     second-order single step (DPM-Solver++(2S) with r = 1, one extra NFE), then 2M, then 3M. The published
     variant warms up with orders 1, 2 like the references. ``lower_order_final`` (default, as diffusers): with
@@ -360,7 +373,7 @@ class DPMpp3M(Solver):
     paper = ("Lu et al. 2022, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, "
              "arXiv 2211.01095")
 
-    def __init__(self, variant: str = "taylor", lower_order_final: bool = True):
+    def __init__(self, variant: str = "published", lower_order_final: bool = True):
         if variant not in ("taylor", "published"):
             raise ValueError(f"{self.name} variant must be 'taylor' or 'published', got {variant!r}")
         self.variant, self.lower_order_final = variant, bool(lower_order_final)
@@ -379,8 +392,8 @@ class DPMpp3M(Solver):
         usable = [(lam, m) for lam, m in state["hist"] if math.isfinite(lam)][-(cap - 1):] if cap > 1 else []
         state = {**state, "hist": (*state["hist"], (p.lam, m0))[-2:]}
         base = q.alpha * m0 + q.sigma * e
-        if q.sigma == 0 or cap == 1 or (not usable and self.variant == "published"):
-            return base, state
+        if q.sigma == 0 or cap == 1 or not math.isfinite(h) or (not usable and self.variant == "published"):
+            return base, state  # h = ∞ (from α = 0, flow's t = 1): DDIM, exact in that limit, no warm-up NFE
         phi1 = -math.expm1(-h)  # 1 − e^{−h}
         if not usable:  # second-order single step: predictor to t, trapezoid in the data prediction
             m_t = denoise(base, q.t).x0
@@ -443,7 +456,8 @@ class DPMpp3MSDE(Solver):
     """SDE-DPM-Solver++(3M) (k-diffusion ``sample_dpmpp_3m_sde``), η = 1 by default.
 
     As ``dpmpp_2m_sde`` with the 3M correction ``α_t [A1(H) D1 + c2 D2]``, ``A1, A2`` at ``H = (1 + η) h``;
-    ``variant`` as in ``dpmpp_3m`` (``c2 = 2·A2(H)`` by default, ``A2(H)`` published). Warm-up orders 1, 2.
+    ``variant`` as in ``dpmpp_3m`` but with the Taylor ``c2 = 2·A2(H)`` by default (``A2(H)`` published).
+    Warm-up orders 1, 2.
     diffusers' order-3 "sde-dpmsolver++" uses ``(1 − e^{−2h} − 2h)/(2h)² − ½`` on D2 (the ½ with the wrong
     sign); it is not reproduced here. 1 NFE per step.
     """
@@ -721,6 +735,19 @@ def get_solver(solver: "str | Solver") -> Solver:
         return SOLVERS[name](*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for solver {name!r}: {e}") from e
+
+
+def most_accurate(path: str, nfe: int) -> tuple[str, dict] | None:
+    """The ODE solver with the smallest error on the exact testbed at ``nfe`` NFE per sample on ``path``'s default
+    grid, and its entry (steps, NFE, error), from the table benchmarks/solver_table.py measured and packaged in
+    ``steer.solver_accuracy`` (paths: flow, vp-linear, vp-scaled-linear, vp-cosine, edm; NFE: 5, 10, 20)."""
+    from .solver_accuracy import ACCURACY
+
+    cells = ACCURACY.get(path, {}).get(nfe)
+    if not cells:
+        return None
+    best = min(cells, key=lambda s: cells[s]["error"])
+    return best, cells[best]
 
 
 def solver_table() -> list[dict]:

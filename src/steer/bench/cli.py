@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from .._typer import Command, Group
-from .config import ConfigError
+from .config import PRESETS, ConfigError
 from .runner import run as run_sweep
 from .store import Store
 
@@ -19,7 +20,7 @@ err = Console(stderr=True)
 
 
 @app.command(cls=Command)
-def run(config: str = typer.Argument(..., help="a TOML sweep file, or a preset: demo, guidance-scales, solvers"),
+def run(config: str = typer.Argument(..., help=f"a TOML sweep file, or a preset: {', '.join(PRESETS)}"),
         db: Path = typer.Option(..., "--db", help="the results database (created if missing)"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
     """Run every cell of the sweep that the database does not hold yet (rerun after a kill to resume)."""
@@ -35,12 +36,24 @@ def run(config: str = typer.Argument(..., help="a TOML sweep file, or a preset: 
 def report(db: Path = typer.Option(..., "--db", help="the results database"),
            out: Path = typer.Option(Path("steer-report"), "--out", help="the folder to write (index.html, grids/)")):
     """Write a static HTML report: tables, metric-vs-scale curves, Pareto fronts, NFE-matched methods, grids."""
-    from .report import write_report
+    from .report import claim_results, write_report
 
     if not db.exists():
         err.print(f"[red]error:[/red] no database at {db}", highlight=False)
         raise typer.Exit(1)
-    typer.echo(f"report written to {write_report(db, out)}")
+    index = write_report(db, out)
+    store = Store(db)
+    claims = claim_results(store)
+    store.close()
+    if claims:
+        from rich.table import Table
+
+        table = Table("claim", "arXiv", "verdict", box=None)
+        for c in claims:
+            arxiv = re.search(r"arXiv (\S+?)\)", c["paper"])
+            table.add_row(c["id"], arxiv[1] if arxiv else "-", c["verdict"])
+        Console().print(table)
+    typer.echo(f"report written to {index}")
 
 
 @app.command(cls=Command)

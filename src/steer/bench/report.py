@@ -9,6 +9,7 @@ cell's first seed (image models; pixels beyond the data range in colour). Plots 
 from __future__ import annotations
 
 import html
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -18,11 +19,12 @@ from ..spec import parse_spec
 from .metrics import METRICS, family, labels_for
 from .store import Store
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "claim_results", "claims_markdown"]
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22"]
 LOWER_IS_BETTER = {"fd", "saturation", "energy"}
+SCALE_FORM = {"cfgpp": "λ, not w"}  # methods whose scale is not the w-form guidance scale
 
 
 def _method_and_scale(spec: str) -> tuple[str, float | None]:
@@ -57,15 +59,17 @@ def _fmt(values: list[float]) -> str:
 
 
 class _Axes:
-    """A small SVG plot: linear axes fitted to the data, ticks, labels."""
+    """A small SVG plot: linear axes fitted to the data with round ticks, labels, a legend to the right."""
 
-    W, H, L, R, T, B = 420, 280, 56, 12, 24, 40
+    W, H, L, R, T, B = 400, 280, 56, 12, 24, 40
 
-    def __init__(self, xs, ys, title, xlabel, ylabel):
+    def __init__(self, xs, ys, title, xlabel, ylabel, legend: int = 0):
         self.x0, self.x1 = self._span(xs)
         self.y0, self.y1 = self._span(ys)
-        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.W}" height="{self.H}" '
-                      f'viewBox="0 0 {self.W} {self.H}" font-family="sans-serif" font-size="11">',
+        self.legend = legend  # width of the legend column, 0 for none
+        width = self.W + legend
+        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{self.H}" '
+                      f'viewBox="0 0 {width} {self.H}" font-family="sans-serif" font-size="11">',
                       f'<text x="{self.W / 2}" y="14" text-anchor="middle" font-weight="bold">{html.escape(title)}'
                       '</text>',
                       f'<rect x="{self.L}" y="{self.T}" width="{self.W - self.L - self.R}" '
@@ -73,17 +77,25 @@ class _Axes:
                       f'<text x="{self.W / 2}" y="{self.H - 6}" text-anchor="middle">{html.escape(xlabel)}</text>',
                       f'<text x="12" y="{self.H / 2}" text-anchor="middle" transform="rotate(-90 12 {self.H / 2})">'
                       f'{html.escape(ylabel)}</text>']
-        for i in range(5):
-            fx, fy = self.x0 + (self.x1 - self.x0) * i / 4, self.y0 + (self.y1 - self.y0) * i / 4
+        for fx in self._ticks(self.x0, self.x1):
             self.parts.append(f'<text x="{self.px(fx):.1f}" y="{self.H - self.B + 14}" text-anchor="middle">'
-                              f'{fx:.3g}</text>')
-            self.parts.append(f'<text x="{self.L - 4}" y="{self.py(fy) + 4:.1f}" text-anchor="end">{fy:.3g}</text>')
+                              f'{fx:.4g}</text>')
+        for fy in self._ticks(self.y0, self.y1):
+            self.parts.append(f'<text x="{self.L - 4}" y="{self.py(fy) + 4:.1f}" text-anchor="end">{fy:.4g}</text>')
 
     @staticmethod
     def _span(values):
         lo, hi = min(values), max(values)
         pad = (hi - lo) * 0.08 or max(abs(lo) * 0.1, 1e-3)
         return lo - pad, hi + pad
+
+    @staticmethod
+    def _ticks(lo, hi, n=4):
+        """Round tick values (1, 2 or 5 times a power of ten apart) inside [lo, hi]."""
+        raw = (hi - lo) / n
+        step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+        first = math.ceil(lo / step)
+        return [k * step for k in range(first, math.floor(hi / step) + 1)]
 
     def px(self, x):
         return self.L + (x - self.x0) / (self.x1 - self.x0) * (self.W - self.L - self.R)
@@ -95,8 +107,8 @@ class _Axes:
         path = " ".join(f"{self.px(x):.1f},{self.py(y):.1f}" for x, y in pts)
         self.parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         self.points(pts, colour)
-        self.parts.append(f'<text x="{self.L + 6}" y="{self.T + 14 + 13 * index}" fill="{colour}">'
-                          f'{html.escape(label)}</text>')
+        x, y = (self.W + 4, self.T + 10 + 13 * index) if self.legend else (self.L + 6, self.T + 14 + 13 * index)
+        self.parts.append(f'<text x="{x}" y="{y}" fill="{colour}">{html.escape(label)}</text>')
 
     def points(self, pts, colour, labels=None):
         for j, (x, y) in enumerate(pts):
@@ -124,9 +136,12 @@ def _curves(cells: dict, metric: str) -> str | None:
     if not lines:
         return None
     pts = [p for v in lines.values() for p in v]
-    ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs guidance scale", "scale (w-form)", metric)
+    labels = {m: m + (f" (x: {SCALE_FORM[m.split('(')[0]]})" if m.split("(")[0] in SCALE_FORM else "")
+              for m in lines}
+    ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs guidance scale", "scale (w-form)", metric,
+               legend=max(60, 7 * max(map(len, labels.values()))))
     for i, (method, v) in enumerate(sorted(lines.items())):
-        ax.line(v, COLOURS[i % len(COLOURS)], method, i)
+        ax.line(v, COLOURS[i % len(COLOURS)], labels[method], i)
     return ax.svg()
 
 
@@ -139,9 +154,8 @@ def _front(cells: dict, metric: str) -> str | None:
     if len(pts) < 2:
         return None
     lower = metric in LOWER_IS_BETTER
-    ax = _Axes([p[0] for p in pts], [p[1] for p in pts],
-               f"{metric} vs accuracy ({'lower' if lower else 'higher'} {metric} and higher accuracy are better)",
-               "accuracy", metric)
+    ax = _Axes([p[0] for p in pts], [p[1] for p in pts], f"{metric} vs accuracy: the best trade-offs",
+               "accuracy (higher is better)", f"{metric} ({'lower' if lower else 'higher'} is better)", legend=90)
     ax.points(pts, "#777", labels)
     front = _pareto(pts, lower)
     ax.line(front, "#d62728", "Pareto front", 0)
@@ -163,6 +177,77 @@ def _grid(out: Path, store: Store, key: str, row: dict) -> str | None:
     return name
 
 
+def claim_results(store: Store) -> list[dict]:
+    """Each registered claim with, per expectation, the method's and the baseline's metric over seeds and whether
+    the expectation holds and whether it is clear of seed noise (the mean difference beyond the margin exceeds two
+    standard errors); ``verdict`` is "reproduced" (every expectation holds clearly), "not reproduced" (one fails
+    clearly), "inconclusive" (otherwise) or "incomplete" (cells missing)."""
+    from .config import Expect
+
+    rows = {r["key"]: r for r in store.rows()}
+    out = []
+    for claim in store.claims():
+        have = [[rows[k] for k in claim[side] if k in rows] for side in ("method_keys", "baseline_keys")]
+        checks = []
+        if all(len(h) == len(claim[side]) for h, side in zip(have, ("method_keys", "baseline_keys"))):
+            for e in claim["expect"]:
+                m, b = ([r["result"]["metrics"][e["metric"]] for r in h] for h in have)
+                excess = (statistics.fmean(b) - statistics.fmean(m) if e["relation"] == "lower"
+                          else statistics.fmean(m) - statistics.fmean(b)) - e["margin"]
+                se = (math.sqrt(statistics.variance(m) / len(m) + statistics.variance(b) / len(b))
+                      if min(len(m), len(b)) > 1 else 0.0)
+                checks.append({**e, "method": m, "baseline": b,
+                               "holds": Expect(**e).holds(statistics.fmean(m), statistics.fmean(b)),
+                               "clear": abs(excess) > 2 * se})
+        verdict = ("incomplete" if not checks
+                   else "reproduced" if all(c["holds"] and c["clear"] for c in checks)
+                   else "not reproduced" if any(not c["holds"] and c["clear"] for c in checks)
+                   else "inconclusive")
+        nfe = [statistics.fmean(r["result"]["nfe"] for r in h) if h else None for h in have]
+        out.append({**claim, "checks": checks, "verdict": verdict, "nfe_used": nfe})
+    return out
+
+
+def _claims_table(results: list[dict]) -> str:
+    mark = {"reproduced": "✓ reproduced", "not reproduced": "✗ not reproduced", "inconclusive": "~ within noise",
+            "incomplete": "… incomplete"}
+    body = ["<h2>Paper claims</h2><p>Each claim compared on a testbed: the method against a baseline (means over "
+            "seeds ± standard deviation). A claim is reproduced here when every expectation holds by more than two "
+            "standard errors of the difference; within that it is called within noise.</p>",
+            "<table><tr><th>paper</th><th>claim</th><th>testbed</th><th>method vs baseline (NFE / sample)</th>"
+            "<th>expected</th><th>measured: method · baseline</th><th>verdict</th></tr>"]
+    for c in results:
+        budget = f"{c['steps']} steps" if c.get("steps") else f"NFE ≤ {c['nfe']}"
+        solver = c["solver"] + (f" / {c['baseline_solver']}" if c.get("baseline_solver") else "")
+        nfe = " · ".join("–" if n is None else f"{n:.0f}" for n in c["nfe_used"])
+        expected = "<br>".join(f"{e['metric']} {e['relation']}" + (f" by {e['margin']:g}" if e["margin"] > 0 else
+                                                                 f" (slack {-e['margin']:g})" if e["margin"] else "")
+                               for e in c["expect"])
+        measured = "<br>".join(f"{'~' if not k['clear'] else '✓' if k['holds'] else '✗'} {k['metric']}: "
+                               f"{_fmt(k['method'])} · {_fmt(k['baseline'])}" for k in c["checks"]) or "–"
+        body.append(f'<tr class="{c["verdict"].replace(" ", "-")}"><td>{html.escape(c["paper"])}</td>'
+                    f"<td>{html.escape(c['claim'])}</td><td>{html.escape(c['model'])} · {html.escape(solver)} · "
+                    f"{budget}</td><td><code>{html.escape(c['method'])}</code> vs <code>"
+                    f"{html.escape(c['baseline'])}</code> ({nfe})</td><td>{expected}</td><td>{measured}</td>"
+                    f"<td>{mark[c['verdict']]}</td></tr>")
+    return "\n".join(body + ["</table>"])
+
+
+def claims_markdown(results: list[dict]) -> str:
+    """The claims table as Markdown (written beside the report as ``claims.md``)."""
+    mark = {"reproduced": "✓ reproduced", "not reproduced": "✗ not reproduced", "inconclusive": "~ within noise",
+            "incomplete": "… incomplete"}
+    lines = ["| claim (paper) | testbed | method vs baseline | measured: method · baseline | verdict |",
+             "|---|---|---|---|---|"]
+    for c in results:
+        budget = f"{c['steps']} steps" if c.get("steps") else f"NFE ≤ {c['nfe']}"
+        solver = c["solver"] + (f" / {c['baseline_solver']}" if c.get("baseline_solver") else "")
+        measured = "; ".join(f"{k['metric']} {_fmt(k['method'])} · {_fmt(k['baseline'])}" for k in c["checks"])
+        lines.append(f"| {c['claim']} ({c['paper']}) | {c['model']}, {solver}, {budget} | `{c['method']}` vs "
+                     f"`{c['baseline']}` | {measured or '–'} | {mark[c['verdict']]} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(db: "str | Path", out: "str | Path") -> Path:
     """Write ``out/index.html`` (and ``out/grids/*.png``) from the database ``db``; returns the index's path."""
     store = Store(db)
@@ -171,7 +256,12 @@ def write_report(db: "str | Path", out: "str | Path") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     body = [f"<h1>steer benchmark report</h1><p>{len(rows)} cells from <code>{html.escape(str(db))}</code>. "
             "Values are means over seeds (± standard deviation where there are several). Metrics:</p><ul>"]
-    body += [f"<li><b>{k}</b>: {html.escape(v[1])}</li>" for k, v in METRICS.items()] + ["</ul>"]
+    present = {k for r in rows for k in r["result"]["metrics"]}
+    body += [f"<li><b>{k}</b>: {html.escape(v[1])}</li>" for k, v in METRICS.items() if k in present] + ["</ul>"]
+    claims = claim_results(store)
+    if claims:
+        body.append(_claims_table(claims))
+        (out / "claims.md").write_text(claims_markdown(claims))
     for (model, solver, budget), cells in sorted(_group_cells(rows).items()):
         names = sorted({k for c in cells.values() for k in c["metrics"]})
         body.append(f"<h2>{html.escape(model)} · {html.escape(solver)} · {html.escape(budget)}</h2>")
@@ -209,13 +299,18 @@ body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
 .plots, .grids {{ display: flex; flex-wrap: wrap; gap: 12px; }} figure {{ margin: 0; }}
 figcaption {{ font-size: 12px; text-align: center; }}
+tr.reproduced td:last-child {{ background: #e3f4e1; }} tr.not-reproduced td:last-child {{ background: #fbe3e0; }}
+tr.inconclusive td:last-child {{ background: #f4f1dc; }}
 </style></head>
 <body>
 {chr(10).join(body)}
 <script>
-window.addEventListener("load", () => {{
-  const broken = [...document.images].filter(im => !(im.complete && im.naturalWidth > 0)).length;
-  document.body.dataset.check = broken ? `broken ${{broken}}` : `ok ${{document.images.length}}`;
+window.addEventListener("load", () => {{  // read by steer.bench.browser.check_page
+  const images = [...document.images], plots = [...document.querySelectorAll("svg")];
+  const broken = images.filter(im => !(im.complete && im.naturalWidth > 0)).length
+    + plots.filter(p => !(p.getBBox().width > 0)).length;
+  document.body.dataset.check = `${{broken ? "broken" : "ok"}} images=${{images.length}} plots=${{plots.length}} `
+    + `broken=${{broken}}`;
 }});
 </script>
 </body></html>

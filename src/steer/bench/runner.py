@@ -1,6 +1,6 @@
 """Run a sweep into a store: every cell not yet in the database, one transaction each, with a progress bar.
 
-    python -m steer.bench.runner CONFIG_OR_PRESET --db results.sqlite
+    python -m steer.bench.run CONFIG_OR_PRESET --db results.sqlite
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .. import __version__
 from ..models import get_model
 from ..sampling import sample
-from .config import Cell, load_sweep
+from .config import Cell, claim_cells, load_sweep
 from .metrics import evaluate, labels_for
 from .store import Store
 
@@ -87,6 +87,9 @@ def run(source: "str | Path", db: "str | Path", progress: bool = True) -> dict:
     if rank == 0:  # rank 0 creates the database; the others open it after the barrier
         first = Store(db)
         first.register_sweep(sweep.name, [c.key for c in cells])
+        first.register_claims([{**claim.model_dump(), "method_keys": [c.key for c in m],
+                                "baseline_keys": [c.key for c in b]}
+                               for claim in sweep.claims for m, b in [claim_cells(sweep, claim)]])
         first.close()
     if dist.is_initialized():
         dist.barrier()
@@ -122,7 +125,8 @@ def run(source: "str | Path", db: "str | Path", progress: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Run a steer benchmark sweep into a SQLite database (resumable).")
+    ap = argparse.ArgumentParser(prog="python -m steer.bench.run",
+                                 description="Run a steer benchmark sweep into a SQLite database (resumable).")
     ap.add_argument("config", help="a TOML sweep file or a preset name")
     ap.add_argument("--db", required=True, help="the results database (created if missing)")
     ap.add_argument("--no-progress", action="store_true")

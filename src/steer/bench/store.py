@@ -21,6 +21,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (key TEXT PRIMARY KEY, config TEXT NOT NULL, result TEXT NOT NULL,
                                   samples TEXT NOT NULL, finished REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sweeps (name TEXT PRIMARY KEY, keys TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS claims (id TEXT PRIMARY KEY, claim TEXT NOT NULL);
 """
 
 
@@ -45,6 +46,15 @@ class Store:
     def register_sweep(self, name: str, keys: list[str]) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO sweeps VALUES (?, ?)", (name, json.dumps(keys)))
+
+    def register_claims(self, claims: list[dict]) -> None:
+        """Each claim's statement, expectations and the keys of its method and baseline cells (by ``id``)."""
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO claims VALUES (?, ?)",
+                                [(c["id"], json.dumps(c, sort_keys=True)) for c in claims])
+
+    def claims(self) -> list[dict]:
+        return [json.loads(c) for (c,) in self.db.execute("SELECT claim FROM claims ORDER BY rowid")]
 
     def put(self, key: str, config: dict, result: dict, samples: np.ndarray) -> None:
         """Write the samples (atomically, content-addressed), then the cell's row in one transaction; a cell that

@@ -34,8 +34,23 @@ from .cfg import (
                   tag,
                   tcfg,
 )
-from .core import REGISTRY, Guidance, OutputModifier, Stack, Term, interval, parse
-from .perturbation import NAG, SAG, Autoguidance, Perturbed, autoguidance, nag, pag, sag, seg, slg, tpg
+from .core import REGISTRY, Corrector, Guidance, OutputModifier, Stack, Term, interval, parse
+from .gradient import DPS, TFG, Classifier, FlowChef, Universal, classifier, dps, flowchef, tfg, universal
+from .perturbation import (
+                  NAG,
+                  SAG,
+                  Autoguidance,
+                  NAGComfy,
+                  Perturbed,
+                  autoguidance,
+                  nag,
+                  nag_comfy,
+                  pag,
+                  sag,
+                  seg,
+                  slg,
+                  tpg,
+)
 from .schedules import SCHEDULES, get_schedule
 
 __all__ = ["REGISTRY", "Ctx", "Modifier", "Guidance", "OutputModifier", "Stack", "Term", "interval", "parse", "APG",
@@ -43,4 +58,5 @@ __all__ = ["REGISTRY", "Ctx", "Modifier", "Guidance", "OutputModifier", "Stack",
            "DynamicThreshold", "PerpNeg", "Rescale", "ZeroStar", "adaptive", "apg", "cfg", "cfg_rescale",
            "cfg_zero_star", "cfgpp", "characteristic", "dynamic_threshold", "fdg", "mambo", "perp_neg", "tag", "tcfg",
            "SCHEDULES", "get_schedule", "Autoguidance", "Branch", "Perturbed", "autoguidance", "pag", "seg", "slg",
-           "tpg", "NAG", "SAG", "nag", "sag"]
+           "tpg", "NAG", "NAGComfy", "SAG", "nag", "nag_comfy", "sag", "Corrector", "Classifier", "DPS", "Universal",
+           "TFG", "FlowChef", "classifier", "dps", "universal", "tfg", "flowchef"]

@@ -387,8 +387,11 @@ def from_pyramid(pyr: list[torch.Tensor]) -> torch.Tensor:
 class FDG(CFG):
     """Frequency-decoupled guidance (Sadat et al. 2025, "Guidance in the Frequency Domain Enables High-Fidelity
     Sampling at Low CFG Scales", arXiv 2506.19713). Both predictions are split by a Laplacian pyramid; each level
-    gets its own w-form scale (``y_u^(l) + w_l Δ^(l)``), optionally with APG-style down-weighting of the part of
-    ``Δ^(l)`` parallel to ``y_c^(l)`` (``parallel_weight``); the guided pyramid is reconstructed. With
+    gets its own scale ``w_l``, with APG-style down-weighting ρ (``parallel_weight``) of the part of ``Δ^(l)``
+    parallel to ``y_c^(l)``: ``y^(l) = y_c^(l) + (w_l − 1)(Δ_⊥^(l) + ρ Δ_∥^(l))`` (the paper's Algorithm 2,
+    ``form="paper"``, default); the guided pyramid is reconstructed. ``form="diffusers"`` is diffusers'
+    FrequencyDecoupledGuidance, ``y_u^(l) + w_l (Δ_⊥^(l) + ρ Δ_∥^(l))``: the two agree at ρ = 1 and differ by
+    ``(1 − ρ) Δ_∥^(l)`` per level otherwise (the same defect as diffusers' APG default). With
     ``levels`` levels, the ``levels − 1`` band-pass levels use ``scale_high`` and the low-pass residual
     ``scale_low`` (or give ``scales`` high → low). Equal scales and no projection is CFG. Space x0 (the
     paper works on denoised predictions; without projection the space does not matter). Needs image-shaped
@@ -398,12 +401,14 @@ class FDG(CFG):
     name = "fdg"
 
     def __init__(self, scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales=None,
-                 parallel_weight: float = 1.0, space: str = "x0", **kwargs):
+                 parallel_weight: float = 1.0, space: str = "x0", form: str = "paper", **kwargs):
         if scales is not None and (scale_low, scale_high, levels) != (5.0, 10.0, 2):
             raise ValueError("fdg: give either scales=[high, ..., low] or scale_low, scale_high and levels, not both")
         if levels < 2 and scales is None:
             raise ValueError(f"fdg needs levels >= 2, got {levels}")
         check_choice(self.name, "space", space, SPACES)
+        check_choice(self.name, "form", form, ("paper", "diffusers"))
+        self.form = form
         self.scales = ([float(s) for s in scales] if scales is not None
                        else [float(scale_high)] * (levels - 1) + [float(scale_low)])
         self.levels = len(self.scales)
@@ -430,71 +435,146 @@ class FDG(CFG):
             if self.parallel_weight != 1.0:
                 par, orth = _project(delta, lc)
                 delta = orth + self.parallel_weight * par
-            out.append(lu + s * delta)
+            out.append(lc + (s - 1) * delta if self.form == "paper" else lu + s * delta)
         return from_pyramid(out)[..., :h, :w_]
 
     def options(self):
         options = super().options()
         del options["scale"]  # the largest of the scales, for the interval and schedule logic
-        return {"scales": self.scales, "parallel_weight": self.parallel_weight, "space": self.space, **options}
+        return {"scales": self.scales, "parallel_weight": self.parallel_weight, "space": self.space,
+                "form": self.form, **options}
 
 
 class Characteristic(CFG):
     """Characteristic guidance (Zheng & Lan, ICML 2024, "Characteristic Guidance: Non-linear Correction for
-    Diffusion Model at Large Guidance Scale", arXiv 2312.07586).
+    Diffusion Model at Large Guidance Scale", arXiv 2312.07586), as the authors' WebUI extension computes it
+    (scraed/CharacteristicGuidanceWebUI, ``scripts/CharaIte.py`` ``chara_ite_inner_loop``, "Num. Basis" 0).
 
-    Both branches are evaluated at shifted inputs, with the shift Δx the fixed point of
-    ``Δx = P[σ (ε_u(x + wΔx) − ε_c(x + (w − 1)Δx))]``; the output is CFG of the shifted predictions,
-    ``ε̂ = ε_u(x + wΔx) + w (ε_c(x + (w − 1)Δx) − ε_u(x + wΔx))``, converted to x0 at the unshifted x. Δx = 0 is
-    CFG. P is the reference code's default projection ("Num. Basis" 0): onto the per-sample direction ĝ of the
-    Δx = 0 correction, with ridge regularisation λ, ``P[v] = ⟨v, ĝ⟩ ĝ / (1 + λ)``; ``reg=None`` uses P = identity.
-    Damped iteration ``Δx ← Δx − ℓ (Δx − P[...])`` from Δx = 0 until the per-sample RMS residual is below ``tol``;
-    a sample that does not converge in ``max_iter`` iterations falls back to CFG (as in the reference); in half
-    precision the tolerance is at least 4 ulps of the correction's RMS, which the rounding allows. Not
-    implemented: the reference's annealing of λ over time and Anderson acceleration. Cost: +1 NFE, plus 2 per
-    iteration. Defaults from the reference WebUI: λ = 1, ℓ = 1, tol = 1e−4, 50 iterations."""
+    In EDM coordinates ``x̄ = x/α``, ``σ̄ = σ/α``: both branches are evaluated at shifted inputs, with the shift Δ
+    the fixed point of ``Δ = P_λ[σ̄ (ε_u(x̄ + wΔ) − ε_c(x̄ + (w − 1)Δ))]``; the output is CFG of the shifted
+    predictions, ``ε̂ = ε_u(x̄ + wΔ) + w (ε_c(x̄ + (w − 1)Δ) − ε_u(x̄ + wΔ))``, converted to x0 at the unshifted x
+    (Δ = 0 is CFG). ``P_λ[v] = ⟨v, ĝ⟩ ĝ / (‖ĝ‖² + λ)`` projects on the per-sample direction ĝ of the Δ = 0
+    correction with ridge λ (``reg=None``: P = identity).
+
+    The solver is the reference's: the residual ``G = Δ − P_λ[σ̄(ε_u − ε_c)]`` (unprojected on the first
+    iteration, as the reference) is extended by the annealed ridge: λ is an unknown too, ``r = sqrt(λ·reg_w)``
+    with residual ``reg_size·(r − r*)``, started at ``λ = max(5, reg)`` and driven to
+    ``λ* = reg·(ᾱ_min/ᾱ_t)^(1/reg_range)`` with ``ᾱ = 1/(1 + σ̄²)`` (``ᾱ_min``: the path's at its largest finite
+    t, SD's ``alphas_cumprod[-1]`` on VP paths). ``(Δ, r)`` is updated by Anderson acceleration with one
+    difference (``anderson=False``: the damped iteration ``X ← X − ℓ G``), step ℓ. A sample converges when the RMS
+    of its residual (x̄ units, the ridge entry included) is below ``tol``; it keeps the predictions of that
+    iteration, and a sample that does not converge in ``max_iter`` evaluations falls back to CFG (as the
+    reference). ``reuse`` > 0 starts from the previous evaluation's shift times ``reuse·σ̄_t²/σ̄_prev²`` (the
+    reference's "Reuse Correction", state in ``ctx.state``, one row per sample). ``reg_range=None`` keeps λ = reg
+    throughout. The iteration runs on the x0 predictions (``σ̄(ε̂_u − ε̂_c) = Δ + D_c − D_u``; CFG of the shifted ε̂
+    at x is CFG of the shifted D), so no large shifted input enters a difference; in half precision the tolerance
+    is at least 4 ulps of the RMS of ``x/α + (D_c − D_u) + wΔ``, the rounding of what the residual is made of.
+
+    Cost: 2 NFE per fixed-point evaluation after the first (the first reuses the branch pass unless a reused shift
+    moves it), up to ``2·max_iter``; the reference spends 4 more per step (the Δ = 0 basis and a final pass, both
+    reused here). One host-device synchronisation per iteration (the early exit reads whether every sample has
+    converged). Not implemented: the reference's quantile-band bases ("Num. Basis" > 0) and its ControlNet
+    handling. Defaults from the reference's UI: reg = 1, reg_range = 1, max_iter = 50, tol = 1e−4, ℓ = 1,
+    reg_size = 0.4, reg_w = 0.5, reuse = 1."""
 
     name = "characteristic"
 
     def __init__(self, scale: float = 7.5, reg: float | None = 1.0, step: float = 1.0, tol: float = 1e-4,
-                 max_iter: int = 50, **kwargs):
+                 max_iter: int = 50, reg_range: float | None = 1.0, anderson: bool = True, reuse: float = 1.0,
+                 reg_size: float = 0.4, reg_w: float = 0.5, alpha_bar_min: float | None = None, **kwargs):
         super().__init__(scale, **kwargs)
+        if reg is not None and reg < 0:
+            raise ValueError(f"characteristic reg must be >= 0 or None, got {reg}")
+        if reg_range is not None and reg_range <= 0:
+            raise ValueError(f"characteristic reg_range must be > 0 or None (no annealing), got {reg_range}")
+        if max_iter < 0 or tol <= 0 or reg_w <= 0:
+            raise ValueError(f"characteristic needs max_iter >= 0, tol > 0 and reg_w > 0, got {max_iter}, {tol}, "
+                             f"{reg_w}")
         self.reg, self.step, self.tol, self.max_iter = reg, float(step), float(tol), int(max_iter)
+        self.reg_range, self.anderson, self.reuse = reg_range, bool(anderson), float(reuse)
+        self.reg_size, self.reg_w, self.alpha_bar_min = float(reg_size), float(reg_w), alpha_bar_min
 
     def combine(self, preds, ctx):
         p = ctx.point
-        if not self.active(ctx) or p.alpha == 0:  # at α = 0 the ε predictions carry no information: CFG
+        if not self.active(ctx) or p.alpha == 0 or self.max_iter == 0:  # at α = 0 the ε carry no information
             return super().combine(preds, ctx)
-        w, x = self.weight(ctx), ctx.x
-        ec, eu = p.eps(x, preds["cond"]), p.eps(x, preds["uncond"])
-        g0 = p.sigma * (eu - ec)
-        ghat = (_wide(g0) / _norm(g0).clamp_min(1e-30).to(_wide(g0).dtype)).to(g0.dtype)
+        w, x, sb = self.weight(ctx), ctx.x, p.sigma_bar
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        n = x[0].numel()
+        # with x̄_i the shifted inputs and D_i the x0 predictions there, σ̄ ε̂_i = x̄_i − D_i, so the correction
+        # σ̄(ε̂_u − ε̂_c) = Δ + D_c − D_u and CFG of the shifted ε̂ at the unshifted x is CFG of the D_i: no large shifted
+        # input enters a difference (what keeps half precision usable)
+        dc, du = preds["cond"], preds["uncond"]
+        g0 = dc - du
+        norm = _norm(g0).clamp_min(1e-4)  # the reference's floor
+        ghat = (_wide(g0) / norm.to(_wide(g0).dtype)).to(g0.dtype)
+        gg = _dot(ghat, ghat)
 
-        def proj(v):
-            return v if self.reg is None else (_dot(v, ghat) / (1 + self.reg)).to(v.dtype) * ghat
+        def proj(v, lam):
+            return v if self.reg is None else (_dot(v, ghat) / (gg + lam)).to(v.dtype) * ghat
 
-        dx = torch.zeros_like(x)
-        converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        # the residual cannot fall below the rounding of the model's outputs: in half precision the tolerance is at
-        # least 4 ulps of the correction's RMS (float16: ~4e-3 relative; float32 keeps tol)
+        def evaluate(d):
+            out = ctx.evaluate({"cond": torch.add(x, d, alpha=p.alpha * (w - 1)),
+                                "uncond": torch.add(x, d, alpha=p.alpha * w)})
+            return out["cond"], out["uncond"]
+
+        anneal = self.reg is not None and self.reg_range is not None
+        abar = 1 / (1 + sb * sb)
+        if anneal:
+            abar_min = self.alpha_bar_min
+            if abar_min is None:
+                abar_min = 1 / (1 + float(ctx.path.sigma_bar(ctx.path.t_max_finite)) ** 2)
+            r_target = math.sqrt(self.reg * (abar_min / abar) ** (1 / self.reg_range) * self.reg_w)
+            lam0 = max(5.0, self.reg)
+        else:
+            r_target, lam0 = 0.0, (self.reg or 0.0)
+        r = torch.full((x.shape[0],) + shape[1:], math.sqrt(lam0 * self.reg_w), dtype=torch.float64, device=x.device)
+
+        prev = ctx.state.get(self)
+        d = torch.zeros_like(x)
+        if self.reuse > 0 and prev is not None:
+            d = prev["dx"] * (self.reuse * prev["abar"] * (1 - abar) / (abar * (1 - prev["abar"])))  # σ̄_t²/σ̄_prev²
+            dc, du = evaluate(d)
         rms = lambda v: _wide(v).flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
-        tol = self.tol if _wide(x) is x else torch.clamp(4 * torch.finfo(x.dtype).eps * rms(g0), min=self.tol)
-        for it in range(self.max_iter + 1):
-            target = proj(p.sigma * (eu - ec))
-            converged = rms(dx - target) < tol
-            if bool(converged.all()) or it == self.max_iter:
+        half = _wide(x) is not x
+        scale = rms(x) / p.alpha + rms(g0)  # in half precision, the rounding of the inputs and of D_c − D_u ...
+        done = torch.zeros((x.shape[0],) + shape[1:], dtype=torch.bool, device=x.device)
+        out_c, out_u, out_d = dc, du, torch.zeros_like(x)
+        hist = None
+        for it in range(self.max_iter):
+            if it > 0:
+                dc, du = evaluate(d)
+            r = r.abs()  # the reference keeps λ = r²/reg_w and takes r = sqrt(λ reg_w) back
+            lam = r * r / self.reg_w
+            gx = du - dc if it == 0 else d - proj(d + (dc - du), lam)
+            gr = self.reg_size * (r - r_target) if anneal else torch.zeros_like(r)
+            res = ((_dot(gx, gx) + gr * gr) / (n + anneal)).sqrt()
+            tol = self.tol
+            if half:  # ... and of the shifted inputs bound the residual: the tolerance is at least 4 ulps of them
+                tol = torch.clamp(4 * torch.finfo(x.dtype).eps * (scale + abs(w) * rms(d)), min=self.tol)
+                tol = tol.reshape(res.shape)
+            new = (res < tol) & ~done
+            out_c, out_u = torch.where(new, dc, out_c), torch.where(new, du, out_u)
+            out_d = torch.where(new, d, out_d)
+            done = done | new
+            if it == self.max_iter - 1 or bool(done.all()):
                 break
-            moving = (~converged).reshape(-1, *([1] * (x.ndim - 1)))  # a converged sample keeps its Δx
-            dx = torch.where(moving, dx - self.step * (dx - target), dx)
-            xc, xu = x + (w - 1) * dx, x + w * dx
-            out = ctx.evaluate({"cond": xc, "uncond": xu})
-            ec, eu = p.eps(xc, out["cond"]), p.eps(xu, out["uncond"])
-        guided = ctx.x0(eu + w * (ec - eu), "eps")
-        keep = converged.reshape(-1, *([1] * (x.ndim - 1)))
-        return torch.where(keep, guided, super().combine(preds, ctx))
+            xd, xr, gd, grr = d, r, gx, gr
+            if self.anderson and hist is not None:  # one difference: γ = ⟨ΔG, G⟩/‖ΔG‖² (the reference's lstsq)
+                dgx, dgr = gx - hist[2], gr - hist[3]
+                den = _dot(dgx, dgx) + dgr * dgr
+                gamma = torch.where(den > 0, (_dot(dgx, gx) + dgr * gr) / torch.where(den > 0, den, 1.0), 0.0)
+                xd, xr = d - (gamma.to(x.dtype) * (d - hist[0])), r - gamma * (r - hist[1])
+                gd, grr = gx - gamma.to(x.dtype) * dgx, gr - gamma * dgr
+            hist = (d, r, gx, gr)
+            d, r = torch.add(xd, gd, alpha=-self.step), xr - self.step * grr
+        ctx.state[self] = {"dx": out_d, "abar": abar}
+        return torch.where(done, out_u + w * (out_c - out_u), super().combine(preds, ctx))
 
     def options(self):
-        return {**super().options(), "reg": self.reg, "step": self.step, "tol": self.tol, "max_iter": self.max_iter}
+        return {**super().options(), "reg": self.reg, "step": self.step, "tol": self.tol, "max_iter": self.max_iter,
+                "reg_range": self.reg_range, "anderson": self.anderson, "reuse": self.reuse,
+                "reg_size": self.reg_size, "reg_w": self.reg_w, "alpha_bar_min": self.alpha_bar_min}
 
 
 class PerpNeg(Term):
@@ -590,9 +670,17 @@ class TAG(OutputModifier):
     """Tangential amplifying guidance (Cho et al. 2025, arXiv 2510.04533), in the form of ComfyUI's node: the
     first-order update direction ``d = D − x̄`` (x̄ = x/α in EDM coordinates; x itself on flow paths) is split
     into its part along the state ``x`` and the rest, ``D̂ = x̄ + η_t d_⊥ + η_r d_∥``. η_t = η_r = 1 is the base
-    sampler. Defaults η_t = 1.05 (ComfyUI), η_r = 1."""
+    sampler. Defaults η_t = 1.05 (ComfyUI), η_r = 1.
+
+    The paper defines TAG on the sampler's update ``Δ = x_{k−1} − x_k``. For one-evaluation first-order solvers
+    (euler, ddim, ddpm, euler_ancestral) the update's deterministic part is proportional to ``D − x̄`` plus a radial
+    term, so with η_r = 1 this form is the paper's (tests/test_guidance.py); multistep and multi-stage solvers
+    (dpmpp_2m: 1.9 apart at η_t = 1.5, 8 steps, 7e−3 at 1.05, 25 steps, on the 2-D exact testbed,
+    tests/test_fidelity.py) build their update from several x̂0, so ``sample`` refuses them
+    with TAG."""
 
     name, order = "tag", 60
+    first_order_only = True
 
     def __init__(self, eta: float = 1.05, eta_r: float = 1.0):
         self.eta, self.eta_r = float(eta), float(eta_r)
@@ -678,21 +766,25 @@ def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
 @register("fdg", family="cfg",
           paper="Sadat et al. 2025, Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales",
           arxiv="2506.19713", space="x0 (Laplacian pyramid levels)", extra_nfe="+1",
-          defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels")
+          defaults_source="w_low = 5, w_high = 10: paper's SDXL example (via diffusers); 2 levels; "
+                          "form='paper': the paper's Algorithm 2")
 def fdg(scale_low: float = 5.0, scale_high: float = 10.0, levels: int = 2, scales: list[float] | None = None,
-        parallel_weight: float = 1.0, space: str = "x0", **kwargs) -> FDG:
-    return FDG(scale_low, scale_high, levels, scales, parallel_weight, space, **kwargs)
+        parallel_weight: float = 1.0, space: str = "x0", form: str = "paper", **kwargs) -> FDG:
+    return FDG(scale_low, scale_high, levels, scales, parallel_weight, space, form, **kwargs)
 
 
 @register("characteristic", family="cfg",
           paper="Zheng & Lan 2024, Characteristic Guidance: Non-linear Correction for Diffusion Model at Large "
                 "Guidance Scale",
-          arxiv="2312.07586", space="ε", extra_nfe="+1, plus 2 per fixed-point iteration",
-          defaults_source="λ = 1, ℓ = 1, tol = 1e−4, 50 iterations: the reference WebUI "
-                          "(scraed/CharacteristicGuidanceWebUI)")
+          arxiv="2312.07586", space="ε", extra_nfe="+1, plus 2 per fixed-point evaluation (up to 2·max_iter)",
+          defaults_source="reg 1, reg_range 1, ℓ = 1, tol = 1e−4 (x/α), 50 iterations, Anderson, reuse 1, "
+                          "reg_size 0.4, reg_w 0.5: the reference WebUI (scraed/CharacteristicGuidanceWebUI)")
 def characteristic(scale: float = 7.5, reg: float | None = 1.0, step: float = 1.0, tol: float = 1e-4,
-                   max_iter: int = 50, **kwargs) -> Characteristic:
-    return Characteristic(scale, reg, step, tol, max_iter, **kwargs)
+                   max_iter: int = 50, reg_range: float | None = 1.0, anderson: bool = True, reuse: float = 1.0,
+                   reg_size: float = 0.4, reg_w: float = 0.5, alpha_bar_min: float | None = None,
+                   **kwargs) -> Characteristic:
+    return Characteristic(scale, reg, step, tol, max_iter, reg_range, anderson, reuse, reg_size, reg_w,
+                          alpha_bar_min, **kwargs)
 
 
 @register("dynamic_threshold", family="output",

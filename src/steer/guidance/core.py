@@ -10,7 +10,8 @@ guided x0 it would give alone. A **stack** (``a + b``) sums the terms' deviation
 prediction, ``D = D_c + Σ_i (T_i − D_c)``, then applies the **output modifiers** in a fixed order: zero-init
 (skips everything), rescale, TAG, dynamic thresholding. Every term has a guidance interval: it is active only when
 ``sigma_lo < σ̄ ≤ sigma_hi`` (σ̄ = σ/α, the path-independent noise level), and a term with effective scale 1
-is inactive; inactive terms request no branch, so the unconditional pass is skipped.
+is inactive; inactive terms request no branch, so the unconditional pass is skipped. Last, the **correctors**
+(gradient guidance, ``steer.guidance.gradient``) move the result, in the order given.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ..core import Ctx, Denoised
 from ..prediction import KINDS
 from ..spec import format_spec, is_literal, parse_spec
 
-__all__ = ["Ctx", "Guidance", "Term", "OutputModifier", "Stack", "interval", "parse", "REGISTRY", "register", "SPACES"]
+__all__ = ["Ctx", "Guidance", "Term", "OutputModifier", "Corrector", "Stack", "interval", "parse", "REGISTRY",
+           "register", "SPACES"]
 
 SPACES = ("raw", *KINDS)  # where a method may combine predictions; "raw" is the model's own output kind
 
@@ -53,6 +55,8 @@ class Guidance:
 
     name = "guidance"
     needs_renoise = False  # returns a separate re-noise estimate (CFG++)
+    first_order_only = False  # defined on the update of a one-evaluation first-order solver (TAG)
+    recurrence = 1  # solver steps per grid step, re-noised back in between (UGD's and TFG's self-recurrence)
     _spec: tuple[str, dict] | None = None  # (method, options given) when built by a registered constructor
 
     def reset(self) -> None:
@@ -172,8 +176,27 @@ class OutputModifier(Guidance):
         return self.apply(preds["cond"], preds, ctx)
 
 
+class Corrector(Guidance):
+    """Gradient guidance (classifier, DPS, universal, TFG, FlowChef): moves the guided prediction after the terms and
+    output modifiers, ``correct(d, preds, ctx) -> Denoised``. A correction that keeps ``ε̂`` fixed while moving x̂0
+    (DPS, TFG, FlowChef) moves the state the step lands on, so it sets ``needs_renoise`` and runs with the solvers
+    that honour a separate noise estimate. Alone, the base is the conditional prediction."""
+
+    base = "cond"
+
+    def branches(self, ctx):
+        return (self.base,)
+
+    def combine(self, preds, ctx):
+        return self.correct(Denoised(preds[self.base]), preds, ctx)
+
+    def correct(self, d: Denoised, preds: dict, ctx: Ctx) -> Denoised:
+        raise NotImplementedError
+
+
 class Stack(Guidance):
-    """Terms and output modifiers applied together (``a + b``); see the module docstring for the order."""
+    """Terms, output modifiers and correctors applied together (``a + b``); see the module docstring for the
+    order. Correctors come last, in the order given; the stack's recurrence is the largest of its parts'."""
 
     name = "stack"
 
@@ -183,7 +206,12 @@ class Stack(Guidance):
             flat.extend(p.parts if isinstance(p, Stack) else [p])
         self.parts = flat
         self._shown = [q for p in parts for q in (p._shown if isinstance(p, Stack) and p._spec is None else [p])]
-        self.terms = [p for p in flat if not isinstance(p, OutputModifier)]
+        self.terms = [p for p in flat if not isinstance(p, (OutputModifier, Corrector))]
+        self.correctors = [p for p in flat if isinstance(p, Corrector)]
+        if any(c.base != "cond" for c in self.correctors):
+            raise ValueError("a corrector on the unconditional prediction (classifier(unconditional=True)) guides "
+                             "that prediction alone; it cannot be stacked")
+        self.recurrence = max(p.recurrence for p in flat)
         self.outputs = sorted((p for p in flat if isinstance(p, OutputModifier)), key=lambda p: p.order)
         pairs = [(t.pos, t.neg) for t in self.terms if isinstance(t, Term)]
         dup = {pn for pn in pairs if pairs.count(pn) > 1}
@@ -193,6 +221,7 @@ class Stack(Guidance):
         if sum(p.needs_renoise for p in flat) > 1:
             raise ValueError("at most one method in a stack may set the re-noise estimate (cfgpp)")
         self.needs_renoise = any(p.needs_renoise for p in flat)
+        self.first_order_only = any(p.first_order_only for p in flat)
 
     def reset(self):
         for p in self.parts:
@@ -232,7 +261,9 @@ class Stack(Guidance):
         for out in self.outputs:
             d = out.apply(d, preds, ctx)
         if renoise is not None:
-            return Denoised(d, renoise.eps, renoise.x0_hist)
+            d = Denoised(d, renoise.eps, renoise.x0_hist)
+        for c in self.correctors:
+            d = c.correct(d if isinstance(d, Denoised) else Denoised(d), preds, ctx)
         return d
 
     def _describe(self):

@@ -11,12 +11,16 @@ the model's middle block. Cost: +1 NFE per step while active.
 from __future__ import annotations
 
 import math
+from typing import Union
 
 from ..core import Branch
 from ..models import get_model, hooks
 from .core import Term, check_choice, register
 
-__all__ = ["Branch", "Perturbed", "Autoguidance", "pag", "seg", "tpg", "slg", "autoguidance"]
+Layers = Union[str, int, list[Union[str, int]], None]  # site-name patterns or site indices; None: the middle block
+
+__all__ = ["Branch", "Perturbed", "Autoguidance", "NAG", "NAGComfy", "SAG", "pag", "seg", "tpg", "slg",
+           "autoguidance", "nag", "nag_comfy", "sag"]
 
 
 class Perturbed(Term):
@@ -89,7 +93,7 @@ class Autoguidance(Term):
           paper="Ahn et al. 2024, Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance",
           arxiv="2403.17377", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4): the paper and diffusers' PAG pipelines; layers: the middle block")
-def pag(scale: float = 4.0, layers: str | list[str] | None = None, **kwargs) -> Perturbed:
+def pag(scale: float = 4.0, layers: Layers = None, **kwargs) -> Perturbed:
     """PAG: the chosen self-attention maps are replaced by the identity (``SA(Q, K, V) = V``) in the perturbed pass."""
     return Perturbed("pag", hooks.IdentityAttention(layers), scale, **kwargs)
 
@@ -99,7 +103,7 @@ def pag(scale: float = 4.0, layers: str | list[str] | None = None, **kwargs) -> 
                 "Attention",
           arxiv="2408.00760", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4), σ = ∞: the official SEG pipeline; layers: the middle block")
-def seg(scale: float = 4.0, blur_sigma: float = math.inf, layers: str | list[str] | None = None,
+def seg(scale: float = 4.0, blur_sigma: float = math.inf, layers: Layers = None,
         **kwargs) -> Perturbed:
     """SEG: the queries of the chosen self-attention layers are blurred over the token grid (σ = ∞: their mean)."""
     return Perturbed("seg", hooks.SmoothedEnergy(layers, blur_sigma), scale, **kwargs)
@@ -108,7 +112,7 @@ def seg(scale: float = 4.0, blur_sigma: float = math.inf, layers: str | list[str
 @register("tpg", family="perturbation", paper="Rajabi et al. 2025, Token Perturbation Guidance for Diffusion Models",
           arxiv="2506.10036", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 3 (w = 4): the official TPG pipeline; layers: the middle block")
-def tpg(scale: float = 4.0, layers: str | list[str] | None = None, seed: int = 0, **kwargs) -> Perturbed:
+def tpg(scale: float = 4.0, layers: Layers = None, seed: int = 0, **kwargs) -> Perturbed:
     """TPG: the tokens entering the chosen blocks are shuffled (one seeded permutation per call)."""
     return Perturbed("tpg", hooks.TokenShuffle(layers, seed), scale, **kwargs)
 
@@ -116,7 +120,7 @@ def tpg(scale: float = 4.0, layers: str | list[str] | None = None, seed: int = 0
 @register("slg", family="perturbation", paper="Skip-layer guidance (Stability AI, SD3.5 reference code)",
           arxiv="-", space="any (affine)", extra_nfe="+1", needs_hooks=True,
           defaults_source="s = 2.5 (w = 3.5): SD3.5's sd3_infer.py; layers: the middle block (SD3.5 Medium: 7, 8, 9)")
-def slg(scale: float = 3.5, layers: str | list[str] | None = None, **kwargs) -> Perturbed:
+def slg(scale: float = 3.5, layers: Layers = None, **kwargs) -> Perturbed:
     """Skip-layer guidance: the chosen blocks are skipped in the perturbed pass."""
     return Perturbed("slg", hooks.SkipLayer(layers), scale, **kwargs)
 
@@ -130,16 +134,70 @@ def autoguidance(scale: float = 2.1, guide=None, **kwargs) -> Autoguidance:
 
 
 class NAG(Term):
-    """Normalized attention guidance (Chen et al., NeurIPS 2025, "Normalized Attention Guidance: Universal Negative
-    Guidance for Diffusion Models", arXiv 2505.21179): negative guidance inside the chosen attention layers
-    (``hooks.NormalizedAttention``) instead of on the output. The positive branch runs with its attention outputs
-    extrapolated away from the negative branch's (the ``uncond`` conditioning, or ``negative`` with
-    ``use_negative=True``) in the same batched pass; the result is the positive branch's prediction, so it works at
-    CFG scale 1. Here the layers are self-attention (the digits network has no cross-attention), as ComfyUI's
-    NAGuidance does for joint-attention models. Defaults φ = 5, τ = 1.5, α = 0.5 (ComfyUI); L1 norm (the paper).
-    Cost: +1 NFE (the negative branch)."""
+    """Normalized attention guidance as its authors wrote it (Chen et al., NeurIPS 2025, "Normalized Attention
+    Guidance: Universal Negative Guidance for Diffusion Models", arXiv 2505.21179; official code
+    ChenDarYen/Normalized-Attention-Guidance). In the cross-attention layers (UNet ``attn2``; the image tokens of a
+    DiT's joint attention) the conditional branch's attention output is extrapolated away from the output of the
+    *same* image queries against the negative prompt's keys/values, ``Z̃ = φ Z⁺ − (φ − 1) Z⁻``, its per-token norm
+    ratio clipped at τ, ``Ẑ = Z̃ min(ρ, τ)/ρ``, and blended back, ``Z = α Ẑ + (1 − α) Z⁺``
+    (``hooks.NormalizedCrossAttention``). The NAG-guided prediction *replaces the conditional branch*: with CFG,
+    ``cfg(w) + nag(φ)`` is ``D_u + w (D_nag − D_u)`` in two rows (the official pipelines'), and alone (CFG 1, the
+    distilled-model use) it is ``D_nag``. The negative keys/values come from the ``uncond`` rows (``negative`` with
+    ``use_negative=True``) of the same batched pass, so the negative branch costs one row even at CFG 1.
+
+    Defaults: φ = 5 (the official README's examples), τ = 2.5 (official code); ``norm``/``alpha`` None take the
+    official code's choice per layer: L1 with α = 0.5 in UNet cross-attention (``NAGAttnProcessor2_0``, the SDXL
+    pipeline; the paper's L1), L2 with α = 0.25 in joint attention (``NAGFluxAttnProcessor2_0``). Layers: every
+    cross-attention / joint-attention layer (the official pipelines patch all of them).
+    Joint attention (SD3, Flux): ``Z⁻`` uses the negative rows' text keys/values with the positive rows' image
+    keys/values. By default the negative text stream is the unconditional branch's own (beside its own image tokens,
+    so CFG can share those rows); ``own_negative=True`` gives NAG negative rows of its own that follow the official
+    Flux code exactly (``NAGFluxAttnProcessor2_0`` and its transformer): their text attends to the NAG-guided image
+    tokens, they enter the single-stream blocks with the guided image tokens, and their single-stream image outputs
+    are the guided ones (one more row when CFG also runs; UNet cross-attention is the same either way).
+    Models without cross-attention (the digits testbed) need ``nag_comfy``."""
 
     name, neg, space = "nag", "nag", "x0"
+
+    def __init__(self, scale: float = 5.0, tau: float = 2.5, alpha: float | None = None, norm: str | None = None,
+                 layers=None, use_negative: bool = False, own_negative: bool = False, **kwargs):
+        super().__init__(scale, **kwargs)
+        self.perturbation = hooks.NormalizedCrossAttention(layers or "*", scale, tau, alpha, norm, own_negative)
+        self.ref = "negative" if use_negative else "uncond"
+        self.rows = "nag_negative" if own_negative else self.ref
+        self._layers = layers
+
+    def branch_specs(self):
+        specs = {"cond": Branch("cond", self.perturbation, None, self.rows)}
+        if self.rows != self.ref:
+            specs[self.rows] = Branch(self.ref)
+        return specs
+
+    def branches(self, ctx):
+        self.perturbation.enabled = on = self.active(ctx)
+        return ("cond", self.rows) if on else ("cond",)
+
+    def combine(self, preds, ctx):
+        return preds["cond"]
+
+    def options(self):
+        p = self.perturbation
+        return {**super().options(), "tau": p.tau, "alpha": p.alpha, "norm": p.norm,
+                "layers": None if self._layers is None else _layers(p), "use_negative": self.ref == "negative",
+                "own_negative": p.own_negative}
+
+
+class NAGComfy(Term):
+    """NAG in the form of ComfyUI's NAGuidance node (a variant of Chen et al., arXiv 2505.21179): with ``Z⁺`` the
+    self-attention (or joint-attention image-token) output of the positive branch and ``Z⁻`` that of a separate
+    negative branch (each with its own queries), ``Z̃ = φ Z⁺ − (φ − 1) Z⁻``, ``ρ = ‖Z̃‖₁/‖Z⁺‖₁`` per token,
+    ``Ẑ = Z̃ min(ρ, τ)/ρ``, ``Z = α Ẑ + (1 − α) Z⁺`` (``hooks.NormalizedAttention``). The result is the positive
+    branch's prediction as a term: ``cfg(w) + nag_comfy(φ)`` is ``D_u + w (D_c − D_u) + (D_nag − D_c)`` in three rows,
+    which differs from the official ``nag`` by ``(w − 1)(D_nag − D_c)`` and in where it acts. Works on models without
+    cross-attention (the digits testbed). Defaults φ = 5, τ = 1.5, α = 0.5 (ComfyUI); L1 norm (the paper).
+    Cost: +1 NFE (the negative branch). Before the official ``nag`` existed, ``nag`` meant this variant."""
+
+    name, neg, space = "nag_comfy", "nag_comfy", "x0"
 
     def __init__(self, scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers=None,
                  use_negative: bool = False, **kwargs):
@@ -148,13 +206,13 @@ class NAG(Term):
         self.ref = "negative" if use_negative else "uncond"
 
     def branch_specs(self):
-        return {"nag": Branch("cond", self.perturbation, None, self.ref)}
+        return {"nag_comfy": Branch("cond", self.perturbation, None, self.ref)}
 
     def branches(self, ctx):
-        return ("nag", self.ref) if self.active(ctx) else ("cond",)
+        return ("nag_comfy", self.ref) if self.active(ctx) else ("cond",)
 
     def combine(self, preds, ctx):
-        return preds["nag"] if self.active(ctx) else preds["cond"]
+        return preds["nag_comfy"] if self.active(ctx) else preds["cond"]
 
     def options(self):
         p = self.perturbation
@@ -235,17 +293,28 @@ def _gaussian_blur(x, sigma: float, size: int = 9):
 
 @register("nag", family="perturbation",
           paper="Chen et al. 2025, Normalized Attention Guidance: Universal Negative Guidance for Diffusion Models",
+          arxiv="2505.21179", space="attention outputs (replaces the conditional branch)",
+          extra_nfe="+1 (the negative rows; none beyond CFG's)", needs_hooks=True,
+          defaults_source="φ = 5: official README; τ = 2.5 and, per layer, L1/α = 0.5 (UNet cross-attention) or "
+                          "L2/α = 0.25 (joint attention): official code; all cross/joint attention layers")
+def nag(scale: float = 5.0, tau: float = 2.5, alpha: float | None = None, norm: str | None = None,
+        layers: Layers = None, use_negative: bool = False, own_negative: bool = False, **kwargs) -> NAG:
+    return NAG(scale, tau, alpha, norm, layers, use_negative, own_negative, **kwargs)
+
+
+@register("nag_comfy", family="perturbation",
+          paper="Chen et al. 2025, Normalized Attention Guidance (ComfyUI NAGuidance variant)",
           arxiv="2505.21179", space="attention outputs", extra_nfe="+1 (the negative branch)", needs_hooks=True,
-          defaults_source="φ = 5, τ = 1.5, α = 0.5: ComfyUI NAGuidance; all attention layers")
-def nag(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers: str | list[str] | None = None,
-        use_negative: bool = False, **kwargs) -> NAG:
-    return NAG(scale, tau, alpha, layers, use_negative, **kwargs)
+          defaults_source="φ = 5, τ = 1.5, α = 0.5: ComfyUI NAGuidance; all self-attention layers")
+def nag_comfy(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers: Layers = None,
+              use_negative: bool = False, **kwargs) -> NAGComfy:
+    return NAGComfy(scale, tau, alpha, layers, use_negative, **kwargs)
 
 
 @register("sag", family="perturbation",
           paper="Hong et al. 2023, Improving Sample Quality of Diffusion Models Using Self-Attention Guidance",
           arxiv="2210.00939", space="x0", extra_nfe="+1 (sequential)", needs_hooks=True,
           defaults_source="s = 0.75 (w = 1.75), blur σ = 1: the diffusers SAG pipeline; layer: the middle block")
-def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers: str | list[str] | None = None, source: str = "uncond",
+def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers: Layers = None, source: str = "uncond",
         **kwargs) -> SAG:
     return SAG(scale, blur_sigma, layers, source, **kwargs)

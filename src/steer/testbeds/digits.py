@@ -7,7 +7,8 @@
   (rectified flow, velocity prediction), ``"flow-weak"`` (a smaller, shorter-trained flow model: the "bad version"
   of ``"flow"`` that autoguidance needs) come back as a :class:`DigitsModel` (a steer Denoiser, conditioned on
   labels 0–9 with 10 = ``NULL_LABEL`` the unconditional label); ``"classifier"`` is a :class:`DigitClassifier`
-  whose ``features`` (128-d) serve Fréchet distances.
+  whose ``features`` (128-d) serve Fréchet distances; ``"noisy-classifier"`` is a :class:`NoisyDigitClassifier`,
+  ``p(c | x_t)`` at every noise level, for classifier guidance (``classifier(scale, classifier="digits")``).
 - ``train_model`` / ``train_all``: the training recipes (``steer testbed train digits`` rebuilds the weights).
 
 The weights live in ``steer/testbeds/weights/`` as float16 state dicts with a ``manifest.json`` holding each file's
@@ -37,7 +38,7 @@ import torch.nn as nn
 from ..models import register_model
 from ..paths import Path, get_path
 from ..prediction import check_kind, convert
-from .digits_net import NULL_LABEL, DigitClassifier, DigitsNet
+from .digits_net import NULL_LABEL, DigitClassifier, DigitsNet, NoisyDigitClassifier
 
 __all__ = [
     "NAMES", "NULL_LABEL", "WEIGHTS_DIR", "MANIFEST", "REBUILD_COMMAND", "RECIPES", "Recipe", "WeightsError",
@@ -45,7 +46,7 @@ __all__ = [
     "load_state_dict_file",
 ]
 
-NAMES = ("eps", "flow", "flow-weak", "classifier")
+NAMES = ("eps", "flow", "flow-weak", "classifier", "noisy-classifier")
 WEIGHTS_DIR = FilePath(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
 REBUILD_COMMAND = "steer testbed train digits"
@@ -179,8 +180,10 @@ class DigitsModel:
 class Recipe:
     """How one checkpoint is trained.
 
-    ``kind`` is ``"diffusion"`` (then ``path``, ``prediction``, ``p_uncond``, ``t_sampling`` apply) or
-    ``"classifier"``. AdamW with a linear warm-up and cosine decay to ``lr_final·lr``; the saved weights are an
+    ``kind`` is ``"diffusion"`` (then ``path``, ``prediction``, ``p_uncond``, ``t_sampling`` apply),
+    ``"classifier"`` or ``"noisy-classifier"`` (trained on ``cos θ · x0 + sin θ · ε`` with ``θ ~ U(0, π/2)``, the
+    classifier's own path-independent input, see :class:`NoisyDigitClassifier`). AdamW with a linear warm-up and
+    cosine decay to ``lr_final·lr``; the saved weights are an
     EMA of the iterates (decay ``min(ema, (1 + k)/(10 + k))`` at step k); batches are drawn without replacement
     epoch by epoch. ``t_sampling="uniform"``: t ~ U(0, 1]. The classifier is trained on ``split()``'s train part
     with random ±``shift`` pixel translations; diffusion models on all the data, without augmentation.
@@ -221,13 +224,17 @@ RECIPES: dict[str, Recipe] = {
     # at t = 1, which the first solver step amplifies ~1000× (Lin et al., arXiv 2305.08891)
     "eps": Recipe("diffusion", dict(dim=96, depth=6, heads=4), iters=1500, batch=128, lr=1e-3,
                   path="vp-cosine", prediction="eps", net_output="v", seed_offset=0),
+    # classifier guidance's p(c | x_t): the classifier's CNN with FiLM on the noise level, on the same train split
+    "noisy-classifier": Recipe("noisy-classifier", dict(width=32), iters=1500, batch=128, lr=2e-3, ema=0.995,
+                               seed_offset=4),
 }
-TRAIN_ORDER = ("classifier", "flow", "flow-weak", "eps")
+TRAIN_ORDER = ("classifier", "noisy-classifier", "flow", "flow-weak", "eps")
 
 
 def tiny_recipes(iters: int = 3) -> dict[str, Recipe]:
     """The recipes shrunk to a few iterations of tiny networks (to exercise the training path in tests)."""
-    small = {"classifier": dict(width=4), "flow": dict(dim=16, depth=1, heads=2),
+    small = {"classifier": dict(width=4), "noisy-classifier": dict(width=4, emb=8),
+             "flow": dict(dim=16, depth=1, heads=2),
              "flow-weak": dict(dim=8, depth=1, heads=2), "eps": dict(dim=16, depth=1, heads=2)}
     return {k: dataclasses.replace(r, net=small[k], iters=iters, batch=16, warmup=1) for k, r in RECIPES.items()}
 
@@ -236,8 +243,11 @@ def tiny_recipes(iters: int = 3) -> dict[str, Recipe]:
 # Training
 
 
+_CLASSES = {"classifier": DigitClassifier, "noisy-classifier": NoisyDigitClassifier, "diffusion": DigitsNet}
+
+
 def _build(recipe: Recipe) -> nn.Module:
-    return DigitClassifier(**recipe.net) if recipe.kind == "classifier" else DigitsNet(**recipe.net)
+    return _CLASSES[recipe.kind](**recipe.net)
 
 
 def _lr_at(recipe: Recipe, k: int) -> float:
@@ -272,6 +282,11 @@ def _loss(net: nn.Module, recipe: Recipe, path: Path | None, x0, y, gen) -> torc
     if recipe.kind == "classifier":
         return nn.functional.cross_entropy(net(_shift_batch(x0, recipe.shift, gen)), y)
     b = x0.shape[0]
+    if recipe.kind == "noisy-classifier":
+        theta = torch.rand(b, generator=gen) * (math.pi / 2)
+        eps = torch.randn(x0.shape, generator=gen)
+        c, s = theta.cos().view(b, 1, 1, 1), theta.sin().view(b, 1, 1, 1)
+        return nn.functional.cross_entropy(net.logits(c * _shift_batch(x0, recipe.shift, gen) + s * eps, theta), y)
     t = _sample_t(recipe, b, gen)
     eps = torch.randn(x0.shape, generator=gen)
     a = path.alpha(t).float().view(b, 1, 1, 1)
@@ -308,7 +323,7 @@ def train_model(name: str, recipe: Recipe | None = None, seed: int = 0,
     recipe = RECIPES[_check_name(name)] if recipe is None else recipe
     t0 = time.perf_counter()
     x_all, y_all = load_data()
-    if recipe.kind == "classifier":
+    if recipe.kind != "diffusion":
         tr, te = split()
         x, y = x_all[tr], y_all[tr]
     else:
@@ -354,6 +369,16 @@ def train_model(name: str, recipe: Recipe | None = None, seed: int = 0,
         with torch.no_grad():
             acc = (ema(x_all[te]).argmax(1) == y_all[te]).float().mean().item()
         info["metrics"] = {"held_out_accuracy": round(acc, 4), "held_out_n": len(te)}
+    if recipe.kind == "noisy-classifier":  # held-out accuracy on x_t of the flow path at a few t (one noise draw)
+        g = torch.Generator().manual_seed(0)
+        accs = {}
+        with torch.no_grad():
+            for t in (0.0, 0.25, 0.5, 0.75, 0.9):
+                eps = torch.randn(x_all[te].shape, generator=g)
+                xt = (1 - t) * x_all[te] + t * eps
+                accs[f"t={t}"] = round((ema(xt, t, "flow").argmax(1) == y_all[te]).float().mean().item(), 4)
+        info["metrics"] = {"held_out_accuracy": accs["t=0.0"], "held_out_accuracy_flow_path": accs,
+                           "held_out_n": len(te)}
     return ema, info
 
 
@@ -455,8 +480,9 @@ def load_state_dict_file(file: "str | os.PathLike", module: nn.Module, sha256: s
 
 
 def load(name: str, weights_dir: "str | os.PathLike | None" = None):
-    """A shipped checkpoint: ``"eps"``, ``"flow"``, ``"flow-weak"`` (a :class:`DigitsModel`) or ``"classifier"``
-    (a :class:`DigitClassifier`), in eval mode on the CPU, float32. ``weights_dir`` reads another directory (as
+    """A shipped checkpoint: ``"eps"``, ``"flow"``, ``"flow-weak"`` (a :class:`DigitsModel`), ``"classifier"``
+    (a :class:`DigitClassifier`) or ``"noisy-classifier"`` (a :class:`NoisyDigitClassifier`), in eval mode on the
+    CPU, float32. ``weights_dir`` reads another directory (as
     written by ``steer testbed train digits --out DIR``). The file's SHA-256 is checked against the manifest."""
     _check_name(name)
     weights_dir = FilePath(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -467,7 +493,7 @@ def load(name: str, weights_dir: "str | os.PathLike | None" = None):
     file = weights_dir / entry["file"]
     if not file.is_file():
         raise WeightsError(f"digits weights file {file} is missing; {_rebuild_hint(weights_dir)}")
-    module = DigitClassifier(**entry["config"]) if entry["kind"] == "classifier" else DigitsNet(**entry["config"])
+    module = _CLASSES[entry["kind"]](**entry["config"])
     try:
         load_state_dict_file(file, module, sha256=entry["sha256"])
     except WeightsError as e:
@@ -475,7 +501,7 @@ def load(name: str, weights_dir: "str | os.PathLike | None" = None):
     except Exception as e:  # unreadable archive or mismatching keys/shapes
         raise WeightsError(f"digits weights file {file} could not be loaded ({type(e).__name__}: {e}); "
                            f"{_rebuild_hint(weights_dir)}") from None
-    if entry["kind"] == "classifier":
+    if entry["kind"] != "diffusion":
         return module.eval().requires_grad_(False)
     return DigitsModel(module, entry["path"], entry["prediction"], name=name, net_output=entry.get("net_output"))
 

@@ -203,3 +203,36 @@ def single_gaussian_ode(x, t_start: float, t_end: float, path: "str | Path", mea
 
 register_model("gmm-flow", lambda: toy(dim=2).denoiser("flow", "flow"))  # named models for configs and specs
 register_model("gmm-vp", lambda: toy(dim=2).denoiser("vp-linear", "eps"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tilted targets for particle methods (exact): reward-tilted mixtures and the CFG-tilted target.
+
+
+def linear_tilt(gmm: GaussianMixture, b, lmbda: float, label=None) -> GaussianMixture:
+    """The exact mixture ``p(x0 | c) exp(λ bᵀx0) / Z`` (reference notes D4): components ``N(μ_k + λ Σ_k b, Σ_k)``
+    with weights ``∝ π_k exp(λ bᵀμ_k + ½ λ² bᵀ Σ_k b)``, restricted to the components of class ``label`` (all
+    components for None or the null label)."""
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    keep = torch.ones(gmm.K, dtype=torch.bool) if label is None or label == gmm.null_label else gmm.labels == label
+    covs = gmm.covs[keep]
+    means = gmm.means[keep] + lmbda * covs @ b
+    logw = gmm.log_weights[keep] + lmbda * gmm.means[keep] @ b + 0.5 * lmbda**2 * torch.einsum("i,kij,j->k", b, covs, b)
+    return GaussianMixture(means, covs=covs, weights=torch.softmax(logw, 0), labels=gmm.labels[keep])
+
+
+def cfg_tilted_sample(gmm: GaussianMixture, label: int, w: float, n: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact samples of the CFG-tilted target ``p(x)^{1−w} p(x|c)^w ∝ p(x|c) p(c|x)^{w−1}`` (w ≥ 1) by rejection
+    from ``p(x|c)``: accept with probability ``p(c|x)^{w−1} ≤ 1``. Float64, shape [n, D]."""
+    if w < 1:
+        raise ValueError(f"cfg_tilted_sample needs w >= 1 (the acceptance p(c|x)^(w-1) is then <= 1), got {w}")
+    out, have = [], 0
+    while have < n:
+        x = gmm.sample(4 * (n - have) + 64, labels=label, generator=generator)
+        log_pc = gmm.classifier_log_probs(x, 0.0, "flow")[:, label]
+        u = torch.rand(len(x), generator=generator, dtype=torch.float64)
+        acc = x[torch.log(u) < (w - 1) * log_pc]
+        out.append(acc)
+        have += len(acc)
+    return torch.cat(out)[:n]

@@ -4,8 +4,9 @@ seconds.
 
 The data are Gaussian, ``x0 ~ N(μ_c, s² I)`` with a fixed random mean image per class (the null class 10 has the
 mean of the class means); the model's x̂0 is the exact posterior mean ``μ + α s²/(α² s² + σ²) (x − α μ)`` plus a
-small correction computed by one transformer block on an 8×8 grid of pooled tokens. The block and its
-self-attention are perturbation sites (``sites()``), so PAG, SEG, SAG, TPG, NAG and skip-layer guidance act on it.
+small correction computed by one transformer block on an 8×8 grid of pooled tokens, whose cross-attention reads four
+tokens embedded from the label. The block, its self-attention and its cross-attention are perturbation sites
+(``sites()``), so PAG, SEG, SAG, TPG, NAG (both forms) and skip-layer guidance act on it.
 The network computes in float32 and returns the dtype of its input, as a half-precision model's output would be.
 """
 
@@ -31,13 +32,15 @@ class _Block(hooks.BlockSite):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = hooks.SelfAttention(dim, heads=2)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm3, self.cross = nn.LayerNorm(dim), hooks.CrossAttention(dim, dim, heads=2)
 
-    def inner(self, h):
+    def inner(self, h, context):
         h = h + self.attn(self.norm1(h), (GRID, GRID))
+        h = h + self.cross(self.norm3(h), context)
         return h + self.mlp(self.norm2(h))
 
-    def forward(self, h):
-        return self.run(h)
+    def forward(self, h, context):
+        return self.run(h, context)
 
 
 class ToyLatentModel(nn.Module):
@@ -55,12 +58,13 @@ class ToyLatentModel(nn.Module):
         self.register_buffer("means", torch.cat([means, means.mean(0, keepdim=True)]))
         self.inp, self.out = nn.Linear(c, dim), nn.Linear(dim, c)
         self.block = _Block(dim)
+        self.label_tokens = nn.Embedding(NULL + 1, 4 * dim)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
     def sites(self) -> dict:
-        return {"block": self.block, "block.attn": self.block.attn}
+        return {"block": self.block, "block.attn": self.block.attn, "block.cross": self.block.cross}
 
     def null_cond(self, cond=None, batch: int | None = None) -> torch.Tensor:
         batch = batch if batch is not None else (1 if cond is None else len(cond))
@@ -76,7 +80,8 @@ class ToyLatentModel(nn.Module):
         gain = a * self.spread**2 / (a * a * self.spread**2 + s * s)
         x0 = mu + gain * (xf - a * mu)
         tokens = F.adaptive_avg_pool2d(x0, GRID).flatten(2).transpose(1, 2)  # [B, 64, C]
-        h = self.out(self.block(self.inp(tokens)))
+        context = self.label_tokens(labels.long().reshape(-1).expand(b)).reshape(b, 4, -1)
+        h = self.out(self.block(self.inp(tokens), context))
         h = h.transpose(1, 2).reshape(b, -1, GRID, GRID)
         x0 = x0 + self.correction * torch.tanh(F.interpolate(h, size=x.shape[-2:], mode="nearest"))
         return convert(x0, "x0", self.prediction, xf, t, self.path).to(x.dtype)
