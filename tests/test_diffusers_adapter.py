@@ -284,7 +284,26 @@ def test_sites_delegate_to_the_attention_hooks(pipes):
             hooks.select_sites(model, hooks.IdentityAttention(None))
         return
     assert list(model.sites()) == list(attention_sites(pipes["sd"].unet))
-    assert list(sd.layers(pipes["sd"])) == list(model.sites())
+    assert [lay.name for lay in sd.layers(pipes["sd"])] == list(model.sites())
+
+
+def test_pag_reproduces_the_diffusers_pag_pipeline(pipes):
+    """CFG + PAG through the adapter and the hooks (the middle block) against StableDiffusionPAGPipeline."""
+    pytest.importorskip("steer.integrations.diffusers_attention")
+    pipe = pipes["sd"]
+    original = pipe.scheduler
+    try:
+        _with_scheduler(pipe, "DDIMScheduler")
+        pag = diffusers.StableDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers=["mid"])
+        lat = _latents(pipe, seed=5)
+        ref = pag(PROMPT, guidance_scale=5.0, pag_scale=3.0, num_inference_steps=4, latents=lat,
+                  output_type="latent", **SIZE).images
+        out, info = sd.sample(pipe, PROMPT, guidance="cfg(5.0) + pag(scale=4.0)", solver="ddim", steps=4,
+                              latents=lat, output_type="latent", return_info=True, **SIZE)
+    finally:
+        pipe.scheduler = original
+    assert info.nfe == 12 and info.forward_passes == 4  # three branches in one forward pass per step
+    assert _maxdiff(out, ref) < TOL
 
 
 # ---------------------------------------------------------------------------------------------------

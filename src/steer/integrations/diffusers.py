@@ -45,7 +45,6 @@ from pathlib import Path as FilePath
 import numpy as np
 import torch
 
-from ..models import hooks
 from ..paths import VP, Flow, get_path
 from ..prediction import check_kind
 from .diffusers_schedulers import _PREDICTION_TYPES, scheduler_levels, steer_noise
@@ -200,9 +199,9 @@ class DiffusersDenoiser(torch.nn.Module):
         return f"family={self.family!r}, path={self.path.name!r}, prediction={self.prediction!r}"
 
 
-def _attention_sites(net) -> dict:
+def _hooks_module():
     try:
-        from .diffusers_attention import attention_sites
+        from . import diffusers_attention
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.diffusers_attention":
             raise
@@ -210,14 +209,18 @@ def _attention_sites(net) -> dict:
             "attention hooks for diffusers models (steer.integrations.diffusers_attention) are not part of this "
             "build: PAG, SEG, SAG, TPG, NAG and skip-layer cannot reach a diffusers network yet; CFG-family "
             "guidance works without them") from None
-    return attention_sites(net)
+    return diffusers_attention
 
 
-def layers(pipe) -> dict[str, str]:
-    """The hookable layers of a pipeline's network: ``{name: "attention" | "block"}`` in network order, the names
-    to give perturbation methods' ``layers=`` (fnmatch patterns, e.g. ``"mid_block.*.attn1"``)."""
-    return {name: "attention" if isinstance(site, hooks.AttentionSite) else "block"
-            for name, site in _attention_sites(_network(pipe)).items()}
+def _attention_sites(net) -> dict:
+    return _hooks_module().attention_sites(net)
+
+
+def layers(pipe):
+    """The hookable layers of a pipeline's network in order (``steer.integrations.diffusers_attention.layers``:
+    ``print`` it for a table of name, kind, role and token grid); the names (or fnmatch patterns such as
+    ``"mid_block.*.attn1"``, or indices) go into ``layers=`` of perturbation methods."""
+    return _hooks_module().layers(_network(pipe))
 
 
 def _size(pipe, family: str, height, width) -> tuple[int, int]:
