@@ -116,6 +116,7 @@ def run(pipe, batches, steps: int, repeats: int, height: int, width: int) -> tup
         from diffusers import StableDiffusionPAGPipeline
 
         pag_pipe = StableDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers=["mid"])
+        pag_pipe.set_progress_bar_config(disable=True)
     else:
         note = ("The CFG + PAG row is left out: steer's attention hooks for diffusers "
                 "(steer.integrations.diffusers_attention) are not in this build, so steer cannot run PAG on a "
