@@ -117,7 +117,8 @@ def svg(rows, w=520, h=320, pad=50) -> str:
     base = [r for r in rows if r["method"] == "unguided"]
     names = [n for n in dict.fromkeys(r["method"] for r in rows) if n != "unguided"]
     for k, name in enumerate(names):
-        pts = base + [r for r in rows if r["method"] == name]
+        own = [r for r in rows if r["method"] == name]
+        pts = own if any(r["budget"] == 1 for r in own) else base + own
         c = colours[(k + 1) % len(colours)]
         out.append('<polyline fill="none" stroke="{}" points="{}"/>'.format(
             c, " ".join(f"{sx(math.log2(r['nfe'])):.1f},{sy(r['reward']):.1f}" for r in pts)))
