@@ -106,7 +106,8 @@ def svg(rows, w=520, h=320, pad=50) -> str:
     sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (w - 2 * pad)  # noqa: E731
     sy = lambda v: h - pad - (v - y0) / max(y1 - y0, 1e-9) * (h - 2 * pad)  # noqa: E731
     colours = ["#444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w + 180}" height="{h}" font-family="sans-serif" '
+           'font-size="11">',
            f'<text x="{w / 2}" y="15" text-anchor="middle">reward log p(d|x) vs NFE per sample (log scale)</text>',
            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
@@ -122,7 +123,7 @@ def svg(rows, w=520, h=320, pad=50) -> str:
         c = colours[(k + 1) % len(colours)]
         out.append('<polyline fill="none" stroke="{}" points="{}"/>'.format(
             c, " ".join(f"{sx(math.log2(r['nfe'])):.1f},{sy(r['reward']):.1f}" for r in pts)))
-        out.append(f'<text x="{w - pad + 2}" y="{pad + 14 * k}" fill="{c}" text-anchor="end">{name}</text>')
+        out.append(f'<text x="{w - pad + 10}" y="{pad + 14 * k}" fill="{c}">{name}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
