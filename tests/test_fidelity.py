@@ -471,3 +471,33 @@ if __name__ == "__main__":  # the numbers of the README's fidelity table
                 fn(*args)
     for name, d in MEASURED.items():
         print(f"{name}: {d:.1e}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# TPG on the digits network
+
+
+@pytest.mark.parametrize("layers", [[f"blocks.{i}"] for i in range(6)] + [["blocks.*"]])
+def test_tpg_on_the_digits_network_is_the_clean_prediction_shuffled(layers):
+    """Every block of the digits DiT is permutation-equivariant over tokens (position embeddings are added once, at
+    the input; attention has no positional bias; norms, MLPs and the output layer act per token), so shuffling the
+    tokens entering any block(s) permutes the output patches of the clean prediction and changes nothing else: the
+    TPG branch carries no information beyond a shuffle of ``D_c``, whatever ``layers`` says."""
+    from steer.models import hooks
+    from steer.testbeds import digits
+
+    net = digits.load("flow").net
+    gen = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(4, 1, 8, 8, generator=gen), torch.rand(4, generator=gen), torch.tensor([0, 3, 7, 10])
+    with torch.no_grad():
+        clean = net(x, t, y)
+        with hooks.perturb(net, {(0, 4): hooks.TokenShuffle(layers, seed=11)}):
+            shuffled = net(x, t, y)
+    # the permutations the hook draws, one per perturbed block, composed in block order
+    draw, order = torch.Generator().manual_seed(11), torch.arange(16)
+    for _ in range(6 if layers == ["blocks.*"] else 1):
+        order = order[torch.randperm(16, generator=draw)]
+    patches = clean.reshape(4, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(4, 16, 4)  # token order of the net
+    expected = patches[:, order].reshape(4, 4, 4, 1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(4, 1, 8, 8)
+    assert _maxdiff(shuffled, expected) < 1e-5
+    assert (shuffled - clean).abs().max() > 1e-2  # a real shuffle, not the identity
