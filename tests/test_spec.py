@@ -49,7 +49,7 @@ CASES = {
     "apg": [dict(scale=8.0, eta=0.3, rescale=10.0, momentum=-0.25, space="eps")],
     "cfgpp": [dict(scale=0.8)],
     "cfg_zero_star": [dict(scale=3.0, zero_init_steps=2)],
-    "adaptive": [dict(scale=4.0, threshold=0.95, test_space="eps")],
+    "adaptive": [dict(scale=4.0, threshold=0.95, test_space="eps", crossing="cond")],
     "tcfg": [dict(scale=5.0, space="v")],
     "tag": [dict(eta=1.2, eta_r=0.9), dict(scale=3.0, eta=1.1)],
     "fdg": [dict(scale_low=3.0, scale_high=8.0, levels=3, parallel_weight=0.5, space="raw", form="diffusers"),

@@ -302,16 +302,27 @@ class Adaptive(CFG):
     longer evaluated. ``test_space`` is where the cosine is taken: ``"x0"`` (default, as the ComfyUI
     Adaptive-Guidance node) or ``"eps"``. At high noise every ε prediction is ≈ x/σ, so the ε test passes at once:
     on the exact testbed (VP path, w = 3, 25 steps) it latches on the first step and removes the guidance, while the
-    x0 test keeps it (tests/test_guidance.py). Default threshold 0.991 (reference notes §8; secondary source)."""
+    x0 test keeps it (tests/test_guidance.py).
+
+    ``crossing`` is what the step whose test first passes returns: ``"cfg"`` (default) the CFG prediction, whose two
+    evaluations are already paid, as the ComfyUI Adaptive-Guidance node (asagi4/ComfyUI-Adaptive-Guidance
+    ``AdaptiveGuider.predict_noise``: the test runs after the CFG combine, the conditional model alone only from the
+    next step), or ``"cond"`` the conditional prediction already on that step. The paper's text gives no code; the
+    ComfyUI node is the most-used implementation. Per-sample cosine (the node flattens the whole batch into one
+    vector: the same for a batch of one). Defaults: threshold 0.991, steer's choice (reference notes §8 report it
+    for a 20-step LDM from a secondary source, unverified; the ComfyUI node uses 0.990); w = 7.5, steer's choice
+    (the common CFG default)."""
 
     name = "adaptive"
 
-    def __init__(self, scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", **kwargs):
+    def __init__(self, scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", crossing: str = "cfg",
+                 **kwargs):
         super().__init__(scale, **kwargs)
         if not -1 <= threshold <= 1:
             raise ValueError(f"adaptive threshold is a cosine similarity in [-1, 1], got {threshold}")
         check_choice(self.name, "test_space", test_space, SPACES)
-        self.threshold, self.test_space = float(threshold), test_space
+        check_choice(self.name, "crossing", crossing, ("cfg", "cond"))
+        self.threshold, self.test_space, self.crossing = float(threshold), test_space, crossing
 
     def active(self, ctx):
         if not super().active(ctx):
@@ -330,16 +341,20 @@ class Adaptive(CFG):
         space = ctx.space_at(self.test_space)
         ec, eu = ctx.pred(preds, "cond", space).flatten(1).float(), ctx.pred(preds, "uncond", space).flatten(1).float()
         cos = F.cosine_similarity(ec, eu, dim=1)
-        latched = cos >= self.threshold
-        if ctx.state.get(self) is not None:
-            latched = latched | ctx.state[self]
+        before = ctx.state.get(self)
+        latched = cos >= self.threshold if before is None else (cos >= self.threshold) | before
         ctx.state[self] = latched
         guided = super().combine(preds, ctx)
+        if self.crossing == "cfg":  # the crossing step keeps CFG; the conditional model alone from the next step
+            if before is None:
+                return guided
+            latched = before
         keep = latched.reshape(-1, *([1] * (guided.ndim - 1)))
         return torch.where(keep, preds["cond"], guided)
 
     def options(self):
-        return {**super().options(), "threshold": self.threshold, "test_space": self.test_space}
+        return {**super().options(), "threshold": self.threshold, "test_space": self.test_space,
+                "crossing": self.crossing}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -742,10 +757,11 @@ def cfg_zero_star(scale: float = 4.0, zero_init_steps: int = 1, **kwargs) -> CFG
 @register("adaptive", family="cfg",
           paper="Castillo et al. 2025, Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models",
           arxiv="2312.12487", space="x0 cosine test (ε optional)", extra_nfe="+1 until every sample latches, then 0",
-          defaults_source="threshold 0.991: reference notes §8 (secondary source); x0 test: ComfyUI Adaptive-Guidance; "
-                          "w = 7.5")
-def adaptive(scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", **kwargs) -> Adaptive:
-    return Adaptive(scale, threshold, test_space, **kwargs)
+          defaults_source="threshold 0.991: steer's choice (a secondary source's value; ComfyUI's node: 0.990); x0 "
+                          "test and CFG on the crossing step: ComfyUI Adaptive-Guidance; w = 7.5: steer's choice")
+def adaptive(scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", crossing: str = "cfg",
+             **kwargs) -> Adaptive:
+    return Adaptive(scale, threshold, test_space, crossing, **kwargs)
 
 
 @register("tcfg", family="cfg", paper="Kwon et al. 2025, TCFG: Tangential Damping Classifier-free Guidance",
