@@ -410,7 +410,7 @@ def test_perturbation_terms_and_autoguidance_combine_as_the_official_code():
     """PAG/SEG/SLG pipelines: ``D_u + w(D_c − D_u) + s(D_c − D_p)`` (Stability-AI/sd3.5 ``SkipLayerCFGDenoiser``:
     ``scaled + (cond − skip)·slg_scale``); autoguidance (NVlabs/edm2 ``generate_images.py``):
     ``lerp(D_guide, D_main, w)``."""
-    ctx = _ctx(_vec(21))
+    ctx = _ctx(_vec(21), t=0.95)  # σ̄ = 19: inside SLG's default window
     c, u, p = _vec(22), _vec(23), _vec(24)
     w, s = 4.0, 2.5
     for name in ("pag", "seg", "slg"):
@@ -539,6 +539,37 @@ def test_adaptive_guidance_matches_the_comfyui_node_and_the_cond_crossing_option
     apart = (_adaptive_comfy(mix, z, labels, ts, w, thr) - ref).abs().max()
     MEASURED["adaptive: crossing 'cfg' vs 'cond', final samples"] = float(apart)
     assert apart > 1e-2  # the two rules differ on this run: the test tells them apart
+
+
+# ---------------------------------------------------------------------------------------------------
+# Skip-layer guidance's window
+
+
+def test_slg_default_window_is_the_sd35_references_and_costs_nothing_outside():
+    """Stability-AI/sd3.5 ``SkipLayerCFGDenoiser``: with N model evaluations, evaluation ``i`` gets the skip-layer
+    term iff ``0.01 N < i < 0.20 N`` (SD3.5 Medium's ``sd3_infer.py`` config), on its flow schedule with shift 3
+    (``σ = 3t/(1 + 2t)``, t from 1 down in N equal steps). steer's default window (12, 297] in σ̄ selects the same
+    evaluations on that schedule at 10, 28, 40 and 50 steps; outside it slg asks for no branch and returns ``D_c``."""
+    method = g.slg()
+    for n in (10, 28, 40, 50):
+        # sd3_infer's get_sigmas: timesteps linspace(1000 σ_max, 1000 σ_min), σ_min = σ(t = 0.001), each then shifted
+        t = torch.linspace(1.0, 3e-3 / 1.002, n, dtype=torch.float64)
+        sigma = 3 * t / (1 + 2 * t)
+        official = [0.01 * n < i < 0.20 * n for i in range(n)]
+        ours = []
+        for i in range(n):
+            x = torch.zeros(1, 2, dtype=torch.float64)
+            ctx = Ctx.at(x, get_path("flow"), float(sigma[i]), i, None, "x0")
+            ours.append(method.branches(ctx) == ("cond", "slg"))
+        assert ours == official, n
+    c, p = _vec(30), _vec(31)
+    outside = _ctx(torch.zeros_like(c), t=0.5)  # σ̄ = 1
+    assert method.branches(outside) == ("cond",)
+    assert torch.equal(method.combine({"cond": c}, outside), c)
+    inside = _ctx(torch.zeros_like(c), t=0.95)  # σ̄ = 19
+    assert _maxdiff(method.combine({"cond": c, "slg": p}, inside), c + 2.5 * (c - p)) < 1e-12
+    always = g.parse("slg(sigma_lo=0, sigma_hi=inf)")
+    assert always.branches(outside) == ("cond", "slg") and g.parse(repr(always)).sigma_hi == math.inf
 
 
 if __name__ == "__main__":  # the numbers of the README's fidelity table
