@@ -111,11 +111,11 @@ class CFG(Term):
     name = "cfg"
 
     def __init__(self, scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0,
-                 sigma_hi: float = math.inf, schedule=None, when=None, clamp: float = 2.0):
+                 sigma_hi: float = math.inf, schedule=None, when=None, clamp: float = 2.0, rule: str = "sigma"):
         if modifier is not None and not isinstance(modifier, Modifier):
             raise ValueError(f"{self.name}: modifier must be a modifier object such as steer.guidance.APG(...), got "
                              f"{modifier!r}; in a spec string use apg(scale=..., ...) instead (or tcfg, mambo)")
-        super().__init__(scale, sigma_lo, sigma_hi, schedule, when, clamp)
+        super().__init__(scale, sigma_lo, sigma_hi, schedule, when, clamp, rule)
         self.modifier = modifier
         if modifier is not None:
             self.space = modifier.space
@@ -432,8 +432,7 @@ class FDG(CFG):
         self.parallel_weight, self.space = float(parallel_weight), space
 
     def active(self, ctx):
-        return super().active(ctx) or (self.sigma_lo < ctx.sigma_bar <= self.sigma_hi
-                                       and any(s != 1 for s in self.scales))
+        return super().active(ctx) or (self.in_interval(ctx) and any(s != 1 for s in self.scales))
 
     def guide(self, yc, yu, w, ctx):
         if yc.ndim != 4:
@@ -611,7 +610,7 @@ class PerpNeg(Term):
         self.neg_scale, self.space = float(neg_scale), space
 
     def active(self, ctx):
-        return self.sigma_lo < ctx.sigma_bar <= self.sigma_hi
+        return self.in_interval(ctx)
 
     def branches(self, ctx):
         return ("cond", "uncond", "negative") if self.active(ctx) else ("cond",)
@@ -717,8 +716,8 @@ class TAG(OutputModifier):
 @register("cfg", family="cfg", paper="Ho & Salimans 2022, Classifier-Free Diffusion Guidance", arxiv="2207.12598",
           space="any (affine)", extra_nfe="+1", defaults_source="w = 7.5: diffusers ClassifierFreeGuidance")
 def cfg(scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0, sigma_hi: float = math.inf,
-        schedule=None, when=None, clamp: float = 2.0) -> CFG:
-    return CFG(scale, modifier, sigma_lo, sigma_hi, schedule, when, clamp)
+        schedule=None, when=None, clamp: float = 2.0, rule: str = "sigma") -> CFG:
+    return CFG(scale, modifier, sigma_lo, sigma_hi, schedule, when, clamp, rule)
 
 
 @register("cfg_rescale", family="cfg",
