@@ -340,11 +340,12 @@ def test_cfgpp_ddim_and_euler_match_the_official_samplers():
 def test_perp_neg_matches_the_official_aggregator():
     """Perp-Neg/Perp-Neg-stablediffusion ``pipeline_perpneg_stable_diffusion.py``: ``ε_∅ + w (δ_+ + Σ_j w_j
     perp(δ_j, δ_+))`` with negative weights ``w_j = −β`` and ``perp(x, y) = x − (⟨x, y⟩/‖y‖²) y`` (the official
-    helper sums over the whole tensor: its pipeline runs one prompt at a time; here applied per sample)."""
+    helper sums over the whole tensor: its pipeline runs one prompt at a time; here applied per sample). The
+    defaults are the official README's example: weights ``1|-1.5`` (β = 1.5)."""
     ctx = _ctx(_vec(7))
     yp, y0, yn = _vec(8), _vec(9), _vec(10)
     w, beta = 7.5, 1.5
-    got = g.perp_neg(w, neg_scale=beta).combine({"cond": yp, "uncond": y0, "negative": yn}, ctx)
+    got = g.perp_neg(w).combine({"cond": yp, "uncond": y0, "negative": yn}, ctx)
     ref = []
     for i in range(yp.shape[0]):
         dp, dn = yp[i] - y0[i], yn[i] - y0[i]
@@ -623,6 +624,42 @@ def test_guidance_interval_step_rule_matches_the_official_edm2_heun_sampler():
     apart = (got["sigma"] - ref).abs().max()
     MEASURED["guidance interval: rule 'sigma' vs the official per-step rule, final samples"] = float(apart)
     assert apart > 1e-4  # the edges differ: the test tells the rules apart
+
+
+# ---------------------------------------------------------------------------------------------------
+# Defaults with a primary source
+
+
+@pytest.mark.parametrize("steps, zeroed", [(10, 1), (28, 1), (50, 2), (100, 4)])
+def test_cfg_zero_star_zero_inits_four_percent_of_the_steps_by_default(steps, zeroed):
+    """WeichenFan/CFG-Zero-star README: "Adjust the zero-init steps based on total inference steps — 4% is
+    generally a good starting point" (Wan2.1 T2V: 2 of 50 steps; SD3: 1 of 28). The default zeroes round(4 % of
+    the steps), at least one: the same samples and NFE as the explicit count, zero-init steps evaluating nothing."""
+    import steer
+    from steer.testbeds import gmm
+
+    mix = gmm.toy(dim=2)
+    den = mix.denoiser(get_path("flow"), "flow")
+    labels = torch.arange(6) % 3
+    z = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    run = {spec: steer.sample(den, noise=z, cond=labels, solver="euler", steps=steps, guidance=spec, return_info=True)
+           for spec in ("cfg_zero_star(scale=4)", f"cfg_zero_star(scale=4, zero_init_steps={zeroed})")}
+    default, explicit = run.values()
+    assert torch.equal(default.x, explicit.x) and default.nfe == explicit.nfe == 2 * (steps - zeroed)
+
+
+def test_defaults_name_a_primary_source_or_say_steers_choice():
+    """Each default named by issue 8 cites its primary source or says it is steer's choice, in the docstring and
+    in ``steer methods`` (the registry's ``defaults_source``); Perp-Neg's β is the official 1.5."""
+    from steer.guidance import REGISTRY
+
+    assert REGISTRY["perp_neg"].defaults["neg_scale"] == 1.5
+    for name, word in [("apg", "w = 10: steer's choice"), ("tag", "η_t = 1.05: steer's choice"),
+                       ("adaptive", "threshold 0.991: steer's choice"), ("cfg_zero_star", "4 %"),
+                       ("perp_neg", "β = 1.5: the official README"), ("slg", "sd3_infer.py")]:
+        assert word in REGISTRY[name].defaults_source, name
+    assert "steer's choice" in g.APG.__doc__ and "steer's choice" in g.TAG.__doc__
+    assert "steer's choice" in g.Adaptive.__doc__ and "4%" in g.CFGZeroStar.__doc__
 
 
 if __name__ == "__main__":  # the numbers of the README's fidelity table
