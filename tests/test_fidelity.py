@@ -666,7 +666,8 @@ if __name__ == "__main__":  # the numbers of the README's fidelity table
     for name, fn in list(globals().items()):
         if name.startswith("test_"):
             params = {"test_fdg_default_is_the_papers_algorithm": [(2, 0.5), (3, 0.0), (2, 1.0)],
-                      "test_tpg_on_the_digits_network_is_the_clean_prediction_shuffled": [(["blocks.*"],)]}
+                      "test_tpg_on_the_digits_network_is_the_clean_prediction_shuffled": [(["blocks.*"],)],
+                      "test_cfg_zero_star_zero_inits_four_percent_of_the_steps_by_default": [(50, 2)]}
             params = params.get(name, [()])
             for args in params:
                 fn(*args)
