@@ -340,11 +340,12 @@ def test_cfgpp_ddim_and_euler_match_the_official_samplers():
 def test_perp_neg_matches_the_official_aggregator():
     """Perp-Neg/Perp-Neg-stablediffusion ``pipeline_perpneg_stable_diffusion.py``: ``ε_∅ + w (δ_+ + Σ_j w_j
     perp(δ_j, δ_+))`` with negative weights ``w_j = −β`` and ``perp(x, y) = x − (⟨x, y⟩/‖y‖²) y`` (the official
-    helper sums over the whole tensor: its pipeline runs one prompt at a time; here applied per sample)."""
+    helper sums over the whole tensor: its pipeline runs one prompt at a time; here applied per sample). The
+    defaults are the official README's example: weights ``1|-1.5`` (β = 1.5)."""
     ctx = _ctx(_vec(7))
     yp, y0, yn = _vec(8), _vec(9), _vec(10)
     w, beta = 7.5, 1.5
-    got = g.perp_neg(w, neg_scale=beta).combine({"cond": yp, "uncond": y0, "negative": yn}, ctx)
+    got = g.perp_neg(w).combine({"cond": yp, "uncond": y0, "negative": yn}, ctx)
     ref = []
     for i in range(yp.shape[0]):
         dp, dn = yp[i] - y0[i], yn[i] - y0[i]
@@ -410,7 +411,7 @@ def test_perturbation_terms_and_autoguidance_combine_as_the_official_code():
     """PAG/SEG/SLG pipelines: ``D_u + w(D_c − D_u) + s(D_c − D_p)`` (Stability-AI/sd3.5 ``SkipLayerCFGDenoiser``:
     ``scaled + (cond − skip)·slg_scale``); autoguidance (NVlabs/edm2 ``generate_images.py``):
     ``lerp(D_guide, D_main, w)``."""
-    ctx = _ctx(_vec(21))
+    ctx = _ctx(_vec(21), t=0.95)  # σ̄ = 19: inside SLG's default window
     c, u, p = _vec(22), _vec(23), _vec(24)
     w, s = 4.0, 2.5
     for name in ("pag", "seg", "slg"):
@@ -463,10 +464,211 @@ def test_heun_on_vp_cosine_takes_euler_over_two_decades_of_sigma():
     assert sb[0] > HEUN_MAX_RATIO * sb[1]  # the first step is such a step
 
 
+# ---------------------------------------------------------------------------------------------------
+# TPG on the digits network
+
+
+@pytest.mark.parametrize("layers", [[f"blocks.{i}"] for i in range(6)] + [["blocks.*"]])
+def test_tpg_on_the_digits_network_is_the_clean_prediction_shuffled(layers):
+    """Every block of the digits DiT is permutation-equivariant over tokens (position embeddings are added once, at
+    the input; attention has no positional bias; norms, MLPs and the output layer act per token), so shuffling the
+    tokens entering any block(s) permutes the output patches of the clean prediction and changes nothing else: the
+    TPG branch carries no information beyond a shuffle of ``D_c``, whatever ``layers`` says."""
+    from steer.models import hooks
+    from steer.testbeds import digits
+
+    net = digits.load("flow").net
+    gen = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(4, 1, 8, 8, generator=gen), torch.rand(4, generator=gen), torch.tensor([0, 3, 7, 10])
+    with torch.no_grad():
+        clean = net(x, t, y)
+        with hooks.perturb(net, {(0, 4): hooks.TokenShuffle(layers, seed=11)}):
+            shuffled = net(x, t, y)
+    # the permutations the hook draws, one per perturbed block, composed in block order
+    draw, order = torch.Generator().manual_seed(11), torch.arange(16)
+    for _ in range(6 if layers == ["blocks.*"] else 1):
+        order = order[torch.randperm(16, generator=draw)]
+    patches = clean.reshape(4, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(4, 16, 4)  # token order of the net
+    expected = patches[:, order].reshape(4, 4, 4, 1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(4, 1, 8, 8)
+    assert _maxdiff(shuffled, expected) < 1e-5
+    assert (shuffled - clean).abs().max() > 1e-2  # a real shuffle, not the identity
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adaptive Guidance
+
+
+def _adaptive_comfy(mix, z, labels, ts, w, threshold, crossing_cfg=True):
+    """asagi4/ComfyUI-Adaptive-Guidance ``AdaptiveGuider.predict_noise`` (035cb39) in an Euler loop on the flow path,
+    one sample at a time (the node's cosine flattens its whole batch): while not latched, both denoised predictions,
+    the CFG combine, then the cosine test of the denoised predictions; once it passed, later steps use the
+    conditional model alone. ``crossing_cfg=False``: the conditional prediction already on the crossing step."""
+    out = []
+    for k in range(z.shape[0]):
+        x, lab, latched = z[k:k + 1], labels[k:k + 1], False
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            dc = mix.posterior_mean(x, 1 - t, t, lab)
+            if latched:
+                d = dc
+            else:
+                du = mix.posterior_mean(x, 1 - t, t, torch.full_like(lab, mix.null_label))
+                d = du + w * (dc - du)
+                cos = torch.nn.functional.cosine_similarity(dc.reshape(1, -1), du.reshape(1, -1))
+                latched = float(cos) >= threshold
+                if latched and not crossing_cfg:
+                    d = dc
+            x = d + (t_next / t) * (x - d)  # Euler on the flow ODE, v = (x − D)/t
+        out.append(x)
+    return torch.cat(out)
+
+
+def test_adaptive_guidance_matches_the_comfyui_node_and_the_cond_crossing_option():
+    import steer
+    from steer.testbeds import gmm
+
+    mix = gmm.toy(dim=2)
+    den = mix.denoiser(get_path("flow"), "x0")
+    labels = torch.arange(12) % 3
+    z = torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ts = [1.0 - i / 10 for i in range(10)] + [0.0]
+    w, thr = 3.0, 0.95
+    for crossing in ("cfg", "cond"):
+        got = steer.sample(den, noise=z, cond=labels, solver="euler", timesteps=ts,
+                           guidance=f"adaptive(scale={w}, threshold={thr}, crossing='{crossing}')")
+        ref = _adaptive_comfy(mix, z, labels, ts, w, thr, crossing_cfg=crossing == "cfg")
+        assert _maxdiff(got, ref) < 1e-10, crossing
+    apart = (_adaptive_comfy(mix, z, labels, ts, w, thr) - ref).abs().max()
+    MEASURED["adaptive: crossing 'cfg' vs 'cond', final samples"] = float(apart)
+    assert apart > 1e-2  # the two rules differ on this run: the test tells them apart
+
+
+# ---------------------------------------------------------------------------------------------------
+# Skip-layer guidance's window
+
+
+def test_slg_default_window_is_the_sd35_references_and_costs_nothing_outside():
+    """Stability-AI/sd3.5 ``SkipLayerCFGDenoiser``: with N model evaluations, evaluation ``i`` gets the skip-layer
+    term iff ``0.01 N < i < 0.20 N`` (SD3.5 Medium's ``sd3_infer.py`` config), on its flow schedule with shift 3
+    (``σ = 3t/(1 + 2t)``, t from 1 down in N equal steps). steer's default window (12, 297] in σ̄ selects the same
+    evaluations on that schedule at 10, 28, 40 and 50 steps; outside it slg asks for no branch and returns ``D_c``."""
+    method = g.slg()
+    for n in (10, 28, 40, 50):
+        # sd3_infer's get_sigmas: timesteps linspace(1000 σ_max, 1000 σ_min), σ_min = σ(t = 0.001), each then shifted
+        t = torch.linspace(1.0, 3e-3 / 1.002, n, dtype=torch.float64)
+        sigma = 3 * t / (1 + 2 * t)
+        official = [0.01 * n < i < 0.20 * n for i in range(n)]
+        ours = []
+        for i in range(n):
+            x = torch.zeros(1, 2, dtype=torch.float64)
+            ctx = Ctx.at(x, get_path("flow"), float(sigma[i]), i, None, "x0")
+            ours.append(method.branches(ctx) == ("cond", "slg"))
+        assert ours == official, n
+    c, p = _vec(30), _vec(31)
+    outside = _ctx(torch.zeros_like(c), t=0.5)  # σ̄ = 1
+    assert method.branches(outside) == ("cond",)
+    assert torch.equal(method.combine({"cond": c}, outside), c)
+    inside = _ctx(torch.zeros_like(c), t=0.95)  # σ̄ = 19
+    assert _maxdiff(method.combine({"cond": c, "slg": p}, inside), c + 2.5 * (c - p)) < 1e-12
+    always = g.parse("slg(sigma_lo=0, sigma_hi=inf)")
+    assert always.branches(outside) == ("cond", "slg") and g.parse(repr(always)).sigma_hi == math.inf
+
+
+# ---------------------------------------------------------------------------------------------------
+# Guidance interval with Heun
+
+
+def _edm_sampler_with_interval(mix, latents, labels, w, start, stop, num_steps=32):
+    """kynkaat/guidance-interval ``sampling/edm_sampler.py`` (d7a57db; EDM2's Heun sampler, S_churn = 0): 32 Karras
+    steps (σ 80 → 0.002, ρ = 7, then 0); step ``i`` with ``start <= i <= stop`` uses the guided denoiser
+    ``lerp(D_u, D_c, w)`` for its Euler evaluation and its Heun correction alike; the last step is Euler only."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t_steps = (80.0 ** (1 / 7) + i / (num_steps - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
+    null = torch.full_like(labels, mix.null_label)
+    x_next = latents * t_steps[0]
+    for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        guided = start <= k <= stop
+
+        def denoise(x, t):
+            dc = mix.posterior_mean(x, 1.0, float(t), labels)
+            return mix.posterior_mean(x, 1.0, float(t), null).lerp(dc, w) if guided else dc
+
+        x_hat = x_next
+        d_cur = (x_hat - denoise(x_hat, t_cur)) / t_cur
+        x_next = x_hat + (t_next - t_cur) * d_cur
+        if k < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next, t_steps
+
+
+def test_guidance_interval_step_rule_matches_the_official_edm2_heun_sampler():
+    """EDM2-S's FID setting (w = 2, steps 17–22 of 32). ``rule="step"`` with the interval (σ_23, σ_17] equals the
+    official sampler to float precision; the default ``rule="sigma"`` decides each evaluation by its own σ̄, so at
+    the two edges the Heun corrections differ (step 16's is guided, step 22's is not)."""
+    import steer
+    from steer.testbeds import gmm
+
+    mix = gmm.toy(dim=2)
+    den = mix.denoiser(get_path("edm"), "x0")
+    labels = torch.arange(12) % 3
+    latents = torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    ref, sig = _edm_sampler_with_interval(mix, latents, labels, 2.0, 17, 22)
+    noise = latents * 80.0 / math.sqrt(80.0**2 + 1)  # steer starts from sqrt(α² + σ²)·noise
+    lo, hi = float(sig[23]), float(sig[17])
+    ts = (sig / 80.0).tolist()
+    got = {rule: steer.sample(den, noise=noise, cond=labels, solver="heun", timesteps=ts,
+                              guidance=f"cfg(scale=2, sigma_lo={lo!r}, sigma_hi={hi!r}, rule='{rule}')")
+           for rule in ("step", "sigma")}
+    assert _maxdiff(got["step"], ref) < 1e-10
+    apart = (got["sigma"] - ref).abs().max()
+    MEASURED["guidance interval: rule 'sigma' vs the official per-step rule, final samples"] = float(apart)
+    assert apart > 1e-4  # the edges differ: the test tells the rules apart
+
+
+# ---------------------------------------------------------------------------------------------------
+# Defaults with a primary source
+
+
+@pytest.mark.parametrize("steps, zeroed", [(10, 1), (28, 1), (50, 2), (100, 4)])
+def test_cfg_zero_star_zero_inits_four_percent_of_the_steps_by_default(steps, zeroed):
+    """WeichenFan/CFG-Zero-star README: "Adjust the zero-init steps based on total inference steps — 4% is
+    generally a good starting point" (Wan2.1 T2V: 2 of 50 steps; SD3: 1 of 28). The default zeroes round(4 % of
+    the steps), at least one: the same samples and NFE as the explicit count, zero-init steps evaluating nothing."""
+    import steer
+    from steer.testbeds import gmm
+
+    mix = gmm.toy(dim=2)
+    den = mix.denoiser(get_path("flow"), "flow")
+    labels = torch.arange(6) % 3
+    z = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    run = {spec: steer.sample(den, noise=z, cond=labels, solver="euler", steps=steps, guidance=spec, return_info=True)
+           for spec in ("cfg_zero_star(scale=4)", f"cfg_zero_star(scale=4, zero_init_steps={zeroed})")}
+    default, explicit = run.values()
+    assert torch.equal(default.x, explicit.x) and default.nfe == explicit.nfe == 2 * (steps - zeroed)
+
+
+def test_defaults_name_a_primary_source_or_say_steers_choice():
+    """Each default named by issue 8 cites its primary source or says it is steer's choice, in the docstring and
+    in ``steer methods`` (the registry's ``defaults_source``); Perp-Neg's β is the official 1.5."""
+    from steer.guidance import REGISTRY
+
+    assert REGISTRY["perp_neg"].defaults["neg_scale"] == 1.5
+    for name, word in [("apg", "w = 10: steer's choice"), ("tag", "η_t = 1.05: steer's choice"),
+                       ("adaptive", "threshold 0.991: steer's choice"), ("cfg_zero_star", "4 %"),
+                       ("perp_neg", "β = 1.5: the official README"), ("slg", "sd3_infer.py")]:
+        assert word in REGISTRY[name].defaults_source, name
+    assert "steer's choice" in g.APG.__doc__ and "steer's choice" in g.TAG.__doc__
+    assert "steer's choice" in g.Adaptive.__doc__ and "4%" in g.CFGZeroStar.__doc__
+
+
 if __name__ == "__main__":  # the numbers of the README's fidelity table
     for name, fn in list(globals().items()):
         if name.startswith("test_"):
-            params = {"test_fdg_default_is_the_papers_algorithm": [(2, 0.5), (3, 0.0), (2, 1.0)]}.get(name, [()])
+            params = {"test_fdg_default_is_the_papers_algorithm": [(2, 0.5), (3, 0.0), (2, 1.0)],
+                      "test_tpg_on_the_digits_network_is_the_clean_prediction_shuffled": [(["blocks.*"],)],
+                      "test_cfg_zero_star_zero_inits_four_percent_of_the_steps_by_default": [(50, 2)]}
+            params = params.get(name, [()])
             for args in params:
                 fn(*args)
     for name, d in MEASURED.items():

@@ -80,7 +80,7 @@ def test_mambo_formula():
 def test_perp_neg_formula():
     # δ+ = (1, 0), δ− = (1, 1), δ−⊥ = (0, 1); w = 2, β = 1: 2 ((1, 0) − (0, 1))
     ctx = ctx_at(T(0.0, 0.0))
-    got = g.perp_neg(2.0).combine({"cond": T(1, 0), "uncond": T(0, 0), "negative": T(1, 1)}, ctx)
+    got = g.perp_neg(2.0, neg_scale=1.0).combine({"cond": T(1, 0), "uncond": T(0, 0), "negative": T(1, 1)}, ctx)
     assert torch.allclose(got, T(2, -2))
 
 

@@ -297,7 +297,7 @@ def test_sag_mask_from_received_attention():
 
 
 @pytest.mark.parametrize("spec,min_acc", [
-    ("pag(scale=3)", 0.7), ("seg(scale=3)", 0.85), ("tpg(scale=3)", 0.6), ("slg(scale=3)", 0.85),
+    ("pag(scale=3)", 0.7), ("seg(scale=3)", 0.85), ("tpg(scale=3)", 0.6), ("slg(scale=3, sigma_lo=0)", 0.85),
     ("nag_comfy(scale=3)", 0.85), ("sag(scale=1.75, source='cond')", 0.85), ("cfg(scale=2) + pag(scale=2)", 0.95),
     ("cfg(scale=2) + sag(scale=1.75)", 0.95),
     ("autoguidance(scale=2, guide='flow-weak')", 0.85)])

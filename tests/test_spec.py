@@ -49,7 +49,7 @@ CASES = {
     "apg": [dict(scale=8.0, eta=0.3, rescale=10.0, momentum=-0.25, space="eps")],
     "cfgpp": [dict(scale=0.8)],
     "cfg_zero_star": [dict(scale=3.0, zero_init_steps=2)],
-    "adaptive": [dict(scale=4.0, threshold=0.95, test_space="eps")],
+    "adaptive": [dict(scale=4.0, threshold=0.95, test_space="eps", crossing="cond")],
     "tcfg": [dict(scale=5.0, space="v")],
     "tag": [dict(eta=1.2, eta_r=0.9), dict(scale=3.0, eta=1.1)],
     "fdg": [dict(scale_low=3.0, scale_high=8.0, levels=3, parallel_weight=0.5, space="raw", form="diffusers"),
@@ -78,7 +78,7 @@ CASES = {
                  y=[[[[0.5]]]], n_mc=2, schedule="constant", clip=False)],
     "flowchef": [dict(scale=50.0, operator="downsample(factor=4)", y=[[[[0.5]]]])],
 }
-TERM_CASES = [dict(sigma_lo=0.1, sigma_hi=5.0, schedule="clamp_linear", clamp=3.0),
+TERM_CASES = [dict(sigma_lo=0.1, sigma_hi=5.0, schedule="clamp_linear", clamp=3.0, rule="step"),
               dict(when=(0.28, math.inf), schedule="cosine")]
 NOT_IN_SPECS = {"modifier", "loss"}  # objects, not literals: see test_cfg_with_a_modifier_object (loss: a function)
 
@@ -232,8 +232,8 @@ WRONG_TYPE = [
 
 
 def test_options_of_the_wrong_type_from_python():
-    with pytest.raises(ValueError, match="cfg takes at most 7 positional arguments, got 8"):
-        g.cfg(1, None, 0.0, 1.0, None, None, 2.0, 8)
+    with pytest.raises(ValueError, match="cfg takes at most 8 positional arguments, got 9"):
+        g.cfg(1, None, 0.0, 1.0, None, None, 2.0, "sigma", 8)
     with pytest.raises(ValueError, match="cfg: scale must be a number, got 'a' \\(str\\)"):
         g.CFG(scale="a")
     with pytest.raises(ValueError, match="pag: sigma_hi must be a number"):
@@ -250,6 +250,8 @@ DO_NOT_FIT = [
     ("perp_neg(space='x')", "perp_neg: space must be one of"),
     ("fdg(space='x')", "fdg: space must be one of"),
     ("adaptive(test_space='cosine')", "adaptive: test_space must be one of 'raw', 'eps', 'x0'"),
+    ("cfg(rule='steps')", "cfg: rule must be one of 'sigma', 'step'"),
+    ("adaptive(crossing='uncond')", "adaptive: crossing must be one of 'cfg', 'cond'"),
     ("sag(source='neg')", "sag: source must be one of 'uncond', 'cond', got 'neg'"),
     ("autoguidance(guide=3)", "autoguidance: guide must be a Denoiser or the name of a registered model"),
     ("autoguidance(guide='tiny')", "autoguidance: unknown model 'tiny'"),

@@ -111,11 +111,11 @@ class CFG(Term):
     name = "cfg"
 
     def __init__(self, scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0,
-                 sigma_hi: float = math.inf, schedule=None, when=None, clamp: float = 2.0):
+                 sigma_hi: float = math.inf, schedule=None, when=None, clamp: float = 2.0, rule: str = "sigma"):
         if modifier is not None and not isinstance(modifier, Modifier):
             raise ValueError(f"{self.name}: modifier must be a modifier object such as steer.guidance.APG(...), got "
                              f"{modifier!r}; in a spec string use apg(scale=..., ...) instead (or tcfg, mambo)")
-        super().__init__(scale, sigma_lo, sigma_hi, schedule, when, clamp)
+        super().__init__(scale, sigma_lo, sigma_hi, schedule, when, clamp, rule)
         self.modifier = modifier
         if modifier is not None:
             self.space = modifier.space
@@ -146,7 +146,9 @@ class APG(Modifier):
     ``Δ_mod = Δ_⊥ + η Δ_∥``;
     ``D = D_c + (w − 1) Δ_mod``. η = 1, r = 0, β = 0 is CFG. The momentum buffer (state, one row per sample) starts
     empty at every sampling call and is updated at every model evaluation (twice per step with 2-stage solvers).
-    Defaults η = 0 (the paper's recommendation), r = 15, β = −0.5 (paper Table 10, SDXL row).
+    Defaults η = 0 (the paper's recommendation), r = 15, β = −0.5 (paper Table 10, SDXL row, as quoted by the
+    sd-webui-APG port). The scale of ``apg(...)``, w = 10, is steer's choice: no paper source was read for it (the
+    paper uses w = 10–15; its SDXL row's w is reported as 15 by a secondary source, unverified).
     """
 
     name, space = "apg", "x0"
@@ -242,18 +244,29 @@ class CFGZeroStar(CFG):
     Models", arXiv 2503.18886): the optimised scale (``ZeroStar``) plus zero-init: the first
     ``zero_init_steps`` solver steps return zero velocity (x̂0 such that ``α̇ x̂0 + σ̇ ε̂ = 0``) and evaluate
     nothing. ``zero_init_steps=K`` zeroes K steps (diffusers' count; the official ``zero_steps=K−1``).
-    Defaults w = 4 (their SD3 examples use 4–5), one zero-init step (official default ``zero_steps=0``)."""
+    Defaults: w = 4 (the authors' SD3 examples use 4–5); zero-init on 4 % of the solver steps, rounded, at least
+    one (``zero_init_steps=None``): the official README's usage tip ("Adjust the zero-init steps based on total
+    inference steps — 4% is generally a good starting point"; its Wan2.1 T2V setting zeroes 2 of 50 steps, its SD3
+    default 1 of 28). Called outside a sampling loop (no grid) it zeroes the first step only."""
 
     name = "cfg_zero_star"
+    ZERO_INIT_FRACTION = 0.04  # the official README's "4% of the total steps"
 
-    def __init__(self, scale: float = 4.0, zero_init_steps: int = 1, **kwargs):
+    def __init__(self, scale: float = 4.0, zero_init_steps: int | None = None, **kwargs):
         super().__init__(scale, modifier=ZeroStar(), **kwargs)
-        if zero_init_steps < 0:
-            raise ValueError(f"zero_init_steps must be >= 0, got {zero_init_steps}")
-        self.zero_init_steps = int(zero_init_steps)
+        if zero_init_steps is not None and zero_init_steps < 0:
+            raise ValueError(f"zero_init_steps must be >= 0 (or None: 4 % of the steps), got {zero_init_steps}")
+        self.zero_init_steps = None if zero_init_steps is None else int(zero_init_steps)
+
+    def zeroed(self, ctx) -> int:
+        """How many leading steps are zeroed: ``zero_init_steps``, or 4 % of the grid's steps (at least one)."""
+        if self.zero_init_steps is not None:
+            return self.zero_init_steps
+        n = len(ctx.grid) - 1
+        return max(1, math.floor(self.ZERO_INIT_FRACTION * n + 0.5)) if n > 0 else 1
 
     def skip_all(self, ctx):
-        return ctx.step < self.zero_init_steps
+        return ctx.step < self.zeroed(ctx)
 
     def branches(self, ctx):
         return () if self.skip_all(ctx) else super().branches(ctx)
@@ -302,16 +315,27 @@ class Adaptive(CFG):
     longer evaluated. ``test_space`` is where the cosine is taken: ``"x0"`` (default, as the ComfyUI
     Adaptive-Guidance node) or ``"eps"``. At high noise every ε prediction is ≈ x/σ, so the ε test passes at once:
     on the exact testbed (VP path, w = 3, 25 steps) it latches on the first step and removes the guidance, while the
-    x0 test keeps it (tests/test_guidance.py). Default threshold 0.991 (reference notes §8; secondary source)."""
+    x0 test keeps it (tests/test_guidance.py).
+
+    ``crossing`` is what the step whose test first passes returns: ``"cfg"`` (default) the CFG prediction, whose two
+    evaluations are already paid, as the ComfyUI Adaptive-Guidance node (asagi4/ComfyUI-Adaptive-Guidance
+    ``AdaptiveGuider.predict_noise``: the test runs after the CFG combine, the conditional model alone only from the
+    next step), or ``"cond"`` the conditional prediction already on that step. The paper's text gives no code; the
+    ComfyUI node is the most-used implementation. Per-sample cosine (the node flattens the whole batch into one
+    vector: the same for a batch of one). Defaults: threshold 0.991, steer's choice (reference notes §8 report it
+    for a 20-step LDM from a secondary source, unverified; the ComfyUI node uses 0.990); w = 7.5, steer's choice
+    (the common CFG default)."""
 
     name = "adaptive"
 
-    def __init__(self, scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", **kwargs):
+    def __init__(self, scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", crossing: str = "cfg",
+                 **kwargs):
         super().__init__(scale, **kwargs)
         if not -1 <= threshold <= 1:
             raise ValueError(f"adaptive threshold is a cosine similarity in [-1, 1], got {threshold}")
         check_choice(self.name, "test_space", test_space, SPACES)
-        self.threshold, self.test_space = float(threshold), test_space
+        check_choice(self.name, "crossing", crossing, ("cfg", "cond"))
+        self.threshold, self.test_space, self.crossing = float(threshold), test_space, crossing
 
     def active(self, ctx):
         if not super().active(ctx):
@@ -330,16 +354,20 @@ class Adaptive(CFG):
         space = ctx.space_at(self.test_space)
         ec, eu = ctx.pred(preds, "cond", space).flatten(1).float(), ctx.pred(preds, "uncond", space).flatten(1).float()
         cos = F.cosine_similarity(ec, eu, dim=1)
-        latched = cos >= self.threshold
-        if ctx.state.get(self) is not None:
-            latched = latched | ctx.state[self]
+        before = ctx.state.get(self)
+        latched = cos >= self.threshold if before is None else (cos >= self.threshold) | before
         ctx.state[self] = latched
         guided = super().combine(preds, ctx)
+        if self.crossing == "cfg":  # the crossing step keeps CFG; the conditional model alone from the next step
+            if before is None:
+                return guided
+            latched = before
         keep = latched.reshape(-1, *([1] * (guided.ndim - 1)))
         return torch.where(keep, preds["cond"], guided)
 
     def options(self):
-        return {**super().options(), "threshold": self.threshold, "test_space": self.test_space}
+        return {**super().options(), "threshold": self.threshold, "test_space": self.test_space,
+                "crossing": self.crossing}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,8 +445,7 @@ class FDG(CFG):
         self.parallel_weight, self.space = float(parallel_weight), space
 
     def active(self, ctx):
-        return super().active(ctx) or (self.sigma_lo < ctx.sigma_bar <= self.sigma_hi
-                                       and any(s != 1 for s in self.scales))
+        return super().active(ctx) or (self.in_interval(ctx) and any(s != 1 for s in self.scales))
 
     def guide(self, yc, yu, w, ctx):
         if yc.ndim != 4:
@@ -585,18 +612,19 @@ class PerpNeg(Term):
     ``ŷ = y_∅ + w (δ_+ − β δ_−^⊥)`` (the authors' pipeline and ComfyUI's PerpNegGuider, whose projection
     coefficient is batch-global; here it is per sample). Space-independent: every term is a difference of
     predictions, which a conversion scales by one factor. Cost: +2 NFE (three branches, one batch).
-    Defaults w = 7.5 (the authors' pipeline), β = 1 (ComfyUI)."""
+    Defaults w = 7.5 (the authors' pipeline), β = 1.5: the official README's examples
+    (Perp-Neg/Perp-Neg-stablediffusion, ``--weights="1|-1.5"``, ``w_j = −β``; ComfyUI's PerpNegGuider uses 1)."""
 
     name = "perp_neg"
     space = "x0"
 
-    def __init__(self, scale: float = 7.5, neg_scale: float = 1.0, space: str = "x0", **kwargs):
+    def __init__(self, scale: float = 7.5, neg_scale: float = 1.5, space: str = "x0", **kwargs):
         super().__init__(scale, **kwargs)
         check_choice(self.name, "space", space, SPACES)
         self.neg_scale, self.space = float(neg_scale), space
 
     def active(self, ctx):
-        return self.sigma_lo < ctx.sigma_bar <= self.sigma_hi
+        return self.in_interval(ctx)
 
     def branches(self, ctx):
         return ("cond", "uncond", "negative") if self.active(ctx) else ("cond",)
@@ -670,7 +698,8 @@ class TAG(OutputModifier):
     """Tangential amplifying guidance (Cho et al. 2025, arXiv 2510.04533), in the form of ComfyUI's node: the
     first-order update direction ``d = D − x̄`` (x̄ = x/α in EDM coordinates; x itself on flow paths) is split
     into its part along the state ``x`` and the rest, ``D̂ = x̄ + η_t d_⊥ + η_r d_∥``. η_t = η_r = 1 is the base
-    sampler. Defaults η_t = 1.05 (ComfyUI), η_r = 1.
+    sampler. Defaults: η_t = 1.05, steer's choice (ComfyUI's TangentialAmplifyingGuidance default, a secondary
+    source; the paper's own value was not read), η_r = 1 (the paper: the radial part is kept).
 
     The paper defines TAG on the sampler's update ``Δ = x_{k−1} − x_k``. For one-evaluation first-order solvers
     (euler, ddim, ddpm, euler_ancestral) the update's deterministic part is proportional to ``D − x̄`` plus a radial
@@ -702,8 +731,8 @@ class TAG(OutputModifier):
 @register("cfg", family="cfg", paper="Ho & Salimans 2022, Classifier-Free Diffusion Guidance", arxiv="2207.12598",
           space="any (affine)", extra_nfe="+1", defaults_source="w = 7.5: diffusers ClassifierFreeGuidance")
 def cfg(scale: float = 7.5, modifier: Modifier | None = None, sigma_lo: float = 0.0, sigma_hi: float = math.inf,
-        schedule=None, when=None, clamp: float = 2.0) -> CFG:
-    return CFG(scale, modifier, sigma_lo, sigma_hi, schedule, when, clamp)
+        schedule=None, when=None, clamp: float = 2.0, rule: str = "sigma") -> CFG:
+    return CFG(scale, modifier, sigma_lo, sigma_hi, schedule, when, clamp, rule)
 
 
 @register("cfg_rescale", family="cfg",
@@ -717,7 +746,8 @@ def cfg_rescale(scale: float = 7.5, phi: float = 0.7, space: str = "v", **kwargs
           paper="Sadat et al. 2025, Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion "
                 "Models",
           arxiv="2410.02416", space="x0", extra_nfe="+1",
-          defaults_source="η = 0: the paper's recommendation; r = 15, β = −0.5: paper Table 10 (SDXL); w = 10")
+          defaults_source="η = 0: the paper's recommendation; r = 15, β = −0.5: paper Table 10 (SDXL); "
+                          "w = 10: steer's choice (no paper source read)")
 def apg(scale: float = 10.0, eta: float = 0.0, rescale: float = 15.0, momentum: float = -0.5, space: str = "x0",
         **kwargs) -> CFG:
     return CFG(scale, APG(eta, rescale, momentum, space), **kwargs)
@@ -734,29 +764,33 @@ def cfgpp(scale: float = 0.6, **kwargs) -> CFGPP:
 @register("cfg_zero_star", family="cfg",
           paper="Fan et al. 2025, CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching Models",
           arxiv="2503.18886", space="flow velocity", extra_nfe="+1 (0 on zero-init steps, which evaluate nothing)",
-          defaults_source="w = 4: the authors' SD3 examples; 1 zero-init step: official zero_steps = 0")
-def cfg_zero_star(scale: float = 4.0, zero_init_steps: int = 1, **kwargs) -> CFGZeroStar:
+          defaults_source="w = 4: the authors' SD3 examples; zero-init on 4 % of the steps (at least 1): the "
+                          "official README's usage tip")
+def cfg_zero_star(scale: float = 4.0, zero_init_steps: int | None = None, **kwargs) -> CFGZeroStar:
     return CFGZeroStar(scale, zero_init_steps, **kwargs)
 
 
 @register("adaptive", family="cfg",
           paper="Castillo et al. 2025, Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models",
           arxiv="2312.12487", space="x0 cosine test (ε optional)", extra_nfe="+1 until every sample latches, then 0",
-          defaults_source="threshold 0.991: reference notes §8 (secondary source); x0 test: ComfyUI Adaptive-Guidance; "
-                          "w = 7.5")
-def adaptive(scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", **kwargs) -> Adaptive:
-    return Adaptive(scale, threshold, test_space, **kwargs)
+          defaults_source="threshold 0.991: steer's choice (a secondary source's value; ComfyUI's node: 0.990); x0 "
+                          "test and CFG on the crossing step: ComfyUI Adaptive-Guidance; w = 7.5: steer's choice")
+def adaptive(scale: float = 7.5, threshold: float = 0.991, test_space: str = "x0", crossing: str = "cfg",
+             **kwargs) -> Adaptive:
+    return Adaptive(scale, threshold, test_space, crossing, **kwargs)
 
 
 @register("tcfg", family="cfg", paper="Kwon et al. 2025, TCFG: Tangential Damping Classifier-free Guidance",
-          arxiv="2503.18137", space="ε", extra_nfe="+1", defaults_source="w = 7.5 (no other parameter)")
+          arxiv="2503.18137", space="ε", extra_nfe="+1",
+          defaults_source="w = 7.5: steer's choice (diffusers' CFG default; no other parameter)")
 def tcfg(scale: float = 7.5, space: str = "eps", **kwargs) -> CFG:
     return CFG(scale, TCFG(space), **kwargs)
 
 
 @register("tag", family="cfg", paper="Cho et al. 2025, Tangential Amplifying Guidance",
           arxiv="2510.04533", space="sampler update (x0 − x̄)", extra_nfe="+1 when scale ≠ 1, else 0",
-          defaults_source="η_t = 1.05: ComfyUI TangentialAmplifyingGuidance; scale 1 = TAG without CFG")
+          defaults_source="η_t = 1.05: steer's choice (ComfyUI TangentialAmplifyingGuidance's default, a "
+                          "secondary source); η_r = 1: the paper; scale 1 = TAG without CFG")
 def tag(scale: float = 1.0, eta: float = 1.05, eta_r: float = 1.0, **kwargs):
     if scale == 1.0 and kwargs:
         raise ValueError(f"tag: {', '.join(kwargs)} would apply to its CFG term, which it has only with scale != 1")
@@ -806,6 +840,7 @@ def mambo(scale: float = 10.0, alpha: float = 8.0, space: str = "flow", **kwargs
 @register("perp_neg", family="cfg",
           paper="Armandpour et al. 2023, Re-imagine the Negative Prompt Algorithm: Transform 2D Diffusion into 3D",
           arxiv="2304.04968", space="any (differences)", extra_nfe="+2 (three branches)",
-          defaults_source="w = 7.5: the authors' pipeline; β = 1: ComfyUI PerpNegGuider")
-def perp_neg(scale: float = 7.5, neg_scale: float = 1.0, space: str = "x0", **kwargs) -> PerpNeg:
+          defaults_source="w = 7.5: the authors' pipeline; β = 1.5: the official README's examples "
+                          "(weights 1|-1.5; ComfyUI's PerpNegGuider: 1)")
+def perp_neg(scale: float = 7.5, neg_scale: float = 1.5, space: str = "x0", **kwargs) -> PerpNeg:
     return PerpNeg(scale, neg_scale, space, **kwargs)

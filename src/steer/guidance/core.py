@@ -9,7 +9,8 @@ A **term** guides with the difference of two branches (``cond`` − ``uncond`` f
 guided x0 it would give alone. A **stack** (``a + b``) sums the terms' deviations from the conditional
 prediction, ``D = D_c + Σ_i (T_i − D_c)``, then applies the **output modifiers** in a fixed order: zero-init
 (skips everything), rescale, TAG, dynamic thresholding. Every term has a guidance interval: it is active only when
-``sigma_lo < σ̄ ≤ sigma_hi`` (σ̄ = σ/α, the path-independent noise level), and a term with effective scale 1
+``sigma_lo < σ̄ ≤ sigma_hi`` (σ̄ = σ/α, the path-independent noise level, of the evaluation; ``rule="step"``: of
+the solver step's start, for all its evaluations), and a term with effective scale 1
 is inactive; inactive terms request no branch, so the unconditional pass is skipped. Last, the **correctors**
 (gradient guidance, ``steer.guidance.gradient``) move the result, in the order given.
 """
@@ -112,9 +113,12 @@ class Term(Guidance):
     always_neg = False  # evaluate neg even at scale 1 (CFG++ re-noises with it)
 
     def __init__(self, scale: float, sigma_lo: float = 0.0, sigma_hi: float = math.inf,
-                 schedule: str | Callable | None = None, when: tuple[float, float] | None = None, clamp: float = 2.0):
+                 schedule: str | Callable | None = None, when: tuple[float, float] | None = None, clamp: float = 2.0,
+                 rule: str = "sigma"):
         check_options(self.name, Term.__init__, scale=scale, sigma_lo=sigma_lo, sigma_hi=sigma_hi, schedule=schedule,
-                      when=when, clamp=clamp)
+                      when=when, clamp=clamp, rule=rule)
+        check_choice(self.name, "rule", rule, ("sigma", "step"))
+        self.rule = rule
         if when is not None and (sigma_lo, sigma_hi) != (0.0, math.inf):
             raise ValueError(f"{self.name}: give the guidance interval either as when=(lo, hi) or as sigma_lo= and "
                              "sigma_hi=, not both")
@@ -130,13 +134,22 @@ class Term(Guidance):
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
 
+    def in_interval(self, ctx: Ctx) -> bool:
+        """Whether this evaluation lies in the guidance interval. ``rule="sigma"`` (default): its own σ̄, so the two
+        evaluations of a Heun step may differ at the interval's edges; ``rule="step"``: the σ̄ the solver step
+        starts at (``ctx.grid[ctx.step]``), for every evaluation of the step, as the official guidance-interval
+        sampler (kynkaat/guidance-interval ``sampling/edm_sampler.py``: step indices, guided Euler and Heun
+        evaluations alike). Without a grid (a method called by hand) both read the evaluation's σ̄."""
+        sigma = ctx.grid[ctx.step].sigma_bar if self.rule == "step" and ctx.step < len(ctx.grid) else ctx.sigma_bar
+        return _in(self.sigma_lo, self.sigma_hi, sigma)
+
     def weight(self, ctx: Ctx) -> float:
-        if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma_bar):
+        if not self.in_interval(ctx):
             return 1.0
         return self.scale if self.schedule is None else self.schedule(self.scale, ctx.sigma_bar)
 
     def active(self, ctx: Ctx) -> bool:
-        if not _in(self.sigma_lo, self.sigma_hi, ctx.sigma_bar):
+        if not self.in_interval(ctx):
             return False
         return self.always_neg or self.weight(ctx) != 1.0
 
@@ -157,6 +170,8 @@ class Term(Guidance):
         out = {"scale": self.scale}
         if (self.sigma_lo, self.sigma_hi) != (0.0, math.inf):
             out.update(sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
+        if self.rule != "sigma":
+            out["rule"] = self.rule
         if self.schedule is not None:
             out["schedule"] = getattr(self.schedule, "fn", self.schedule.name)  # a custom schedule: the function
             if self.schedule.name == "clamp_linear":

@@ -46,6 +46,8 @@ class Perturbed(Term):
             options["blur_sigma"] = p.sigma
         if isinstance(p, hooks.TokenShuffle):
             options["seed"] = p.seed
+        if isinstance(p, hooks.SkipLayer):  # its default window is not Term's (0, ∞)
+            options.update(sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
         return options
 
 
@@ -117,12 +119,28 @@ def tpg(scale: float = 4.0, layers: Layers = None, seed: int = 0, **kwargs) -> P
     return Perturbed("tpg", hooks.TokenShuffle(layers, seed), scale, **kwargs)
 
 
+SLG_WINDOW = (12.0, 297.0)  # σ̄ of SD3.5's 20 % and 1 % of the steps (shift 3: σ̄ = 3t/(1 − t) at t = 0.8, 0.99)
+
+
 @register("slg", family="perturbation", paper="Skip-layer guidance (Stability AI, SD3.5 reference code)",
-          arxiv="-", space="any (affine)", extra_nfe="+1", needs_hooks=True,
-          defaults_source="s = 2.5 (w = 3.5): SD3.5's sd3_infer.py; layers: the middle block (SD3.5 Medium: 7, 8, 9)")
-def slg(scale: float = 3.5, layers: Layers = None, **kwargs) -> Perturbed:
-    """Skip-layer guidance: the chosen blocks are skipped in the perturbed pass."""
-    return Perturbed("slg", hooks.SkipLayer(layers), scale, **kwargs)
+          arxiv="-", space="any (affine)", extra_nfe="+1 inside its window (σ̄ in (12, 297]), 0 outside",
+          needs_hooks=True,
+          defaults_source="s = 2.5 (w = 3.5) and the window 1 %–20 % of the steps (σ̄ in (12, 297] on SD3.5's "
+                          "shift-3 schedule): Stability-AI/sd3.5 sd3_infer.py; layers: the middle block (SD3.5 "
+                          "Medium: 7, 8, 9)")
+def slg(scale: float = 3.5, layers: Layers = None, sigma_lo: float = SLG_WINDOW[0], sigma_hi: float = SLG_WINDOW[1],
+        when: tuple[float, float] | None = None, **kwargs) -> Perturbed:
+    """Skip-layer guidance: the chosen blocks are skipped in the perturbed pass.
+
+    Default window: Stability-AI/sd3.5 (``sd3_infer.py`` SD3.5 Medium config, ``sd3_impls.py``
+    ``SkipLayerCFGDenoiser``) adds the term only on model evaluations ``i`` with ``0.01 N < i < 0.20 N`` (with CFG 4),
+    i.e. between t = 0.99 and t = 0.8 of its flow schedule with shift 3, where ``σ̄ = 3t/(1 − t)``: σ̄ in (12, 297].
+    Stated in σ̄, the window keeps its noise levels on any grid and step count (on an unshifted flow schedule it is
+    t in (0.923, 0.997]; the first step, σ̄ = ∞, is outside as in the reference). Outside it the term costs no branch
+    and returns the conditional prediction. ``sigma_lo=0, sigma_hi=inf`` (or ``when=(0, inf)``) applies it always."""
+    if when is not None:
+        sigma_lo, sigma_hi = 0.0, math.inf  # Term refuses both forms at once; when= replaces the default window
+    return Perturbed("slg", hooks.SkipLayer(layers), scale, sigma_lo=sigma_lo, sigma_hi=sigma_hi, when=when, **kwargs)
 
 
 @register("autoguidance", family="perturbation",
