@@ -565,7 +565,9 @@ def test_sag_with_cfg_matches_the_authors_stable_diffusion_pipeline():
     x = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64)
     labels = torch.tensor([0, 3, 7, 9])
     for t in (0.3, 0.7):
-        ours = _steer_guided_x0(model, x, labels, t, "cfg(scale=3) + sag(scale=1.75)")
+        ours = _steer_guided_x0(model, x, labels, t, "cfg(scale=3) + sag(scale=1.75)")  # with CFG: 'uncond'
+        forced = _steer_guided_x0(model, x, labels, t, "cfg(scale=3) + sag(scale=1.75, source='uncond')")
+        assert torch.equal(ours, forced)
         ref, received = _sag_sd_pipeline(model, x, t, labels, 3.0, 0.75, torch.float64)
         assert (received - 1).abs().min() > 1e-6  # no token on the threshold: both sides must pick the same mask
         assert 0 < (received > 1).float().mean() < 1  # a real mask, neither empty nor full
@@ -580,7 +582,8 @@ def test_sag_with_cfg_matches_the_authors_stable_diffusion_pipeline():
 
 
 def test_sag_without_cfg_matches_the_papers_guided_diffusion_code():
-    """``sag(scale=1.5, blur_sigma=3, kernel_size=31, source='cond')`` against the guided-diffusion fork's step
+    """``sag(scale=1.5, blur_sigma=3, kernel_size=31)`` alone (``source='auto'``: the conditional branch, as the
+    official code without CFG) against the guided-diffusion fork's step
     (guide_scale 1.5 is steer's w; 31 taps, σ = 3 as its ImageNet 128 script) on a 32×32 image with an 8×8 token
     map (attn_res 8): equal to float64 precision. Steer's default 9 taps give another result at σ = 3."""
     model = _SagModel(size=32, grid=8, seed=1)
@@ -588,10 +591,14 @@ def test_sag_without_cfg_matches_the_papers_guided_diffusion_code():
     x = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64)
     labels = torch.tensor([1, 5, 10])
     t = 0.5
-    ours = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, kernel_size=31, source='cond')")
+    ours = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, kernel_size=31)")  # alone: 'cond'
     ref, received = _sag_guided_diffusion(model, x, t, labels, 1.5, 3.0, torch.float64)
     assert (received - 1).abs().min() > 1e-6 and 0 < (received > 1).float().mean() < 1
     assert _maxdiff(ours, ref) < 1e-12
+    forced = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, kernel_size=31, source='cond')")
+    assert torch.equal(forced, ours)
+    old_default = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, kernel_size=31, source='uncond')")
+    assert (old_default - ref).abs().max() > 1e-3  # steer's old default read the unconditional branch even alone
     nine = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, source='cond')")
     assert (nine - ref).abs().max() > 1e-3  # the kernel size matters: the test can tell 9 taps from 31
 
