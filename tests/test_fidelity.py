@@ -423,6 +423,187 @@ def test_perturbation_terms_and_autoguidance_combine_as_the_official_code():
 
 
 # ---------------------------------------------------------------------------------------------------
+# SAG: one guidance evaluation against the authors' two code bases
+
+
+class _MapAttention:
+    """A self-attention site that, like the UNet of the authors' guided-diffusion fork (``QKVAttention``), can also
+    return its weights ``softmax_s(q_t·k_s/√c)`` as ``[b·heads, T (queries), S (keys)]``; steer's hooks see the
+    ordinary path (``attend``)."""
+
+    def __new__(cls, dim, heads, gen):
+        from steer.models import hooks
+
+        class Site(hooks.AttentionSite):
+            def __init__(self):
+                super().__init__()
+                self.heads = heads
+                self.w_qkv = 1.5 * torch.randn(dim, 3 * dim, generator=gen, dtype=torch.float64)
+
+            def forward(self, h, grid, want_map=False):
+                b, n, d = h.shape
+                q, k, v = (h @ self.w_qkv).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+                if not want_map:
+                    return self.attend(q, k, v, grid).transpose(1, 2).reshape(b, n, d), None
+                qf, kf, vf = (z.reshape(b * self.heads, n, -1) for z in (q, k, v))
+                weight = torch.softmax(torch.einsum("btc,bsc->bts", qf, kf) / math.sqrt(qf.shape[-1]), dim=-1)
+                out = torch.einsum("bts,bsc->btc", weight, vf).reshape(b, self.heads, n, -1)
+                return out.transpose(1, 2).reshape(b, n, d), weight
+
+        return Site()
+
+
+class _SagModel:
+    """A small class-conditional ε-model on vp-linear (float64): 3 channels, tokens pooled on a ``grid``×``grid``
+    lattice, one self-attention (the only site: steer's default layer and the one the reference reads),
+    ``ε = 0.5 x + tanh(upsampled attention output) + 0.1 t``."""
+
+    def __init__(self, size=16, grid=4, dim=8, heads=2, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.path, self.prediction, self.sample_shape, self.grid = get_path("vp-linear"), "eps", (3, size, size), grid
+        self.w_in = 2.0 * torch.randn(3, dim, generator=gen, dtype=torch.float64)
+        self.w_out = torch.randn(dim, 3, generator=gen, dtype=torch.float64)
+        self.labels = torch.randn(11, dim, generator=gen, dtype=torch.float64)
+        self.attn = _MapAttention(dim, heads, gen)
+
+    def sites(self):
+        return {"mid.attn": self.attn}
+
+    def null_cond(self, cond=None, batch=None):
+        return torch.full((batch if batch is not None else len(cond),), 10, dtype=torch.long)
+
+    def __call__(self, x, t, cond, want_map=False):
+        import torch.nn.functional as F
+
+        b, g = x.shape[0], self.grid
+        tokens = F.adaptive_avg_pool2d(x, g).flatten(2).transpose(1, 2) @ self.w_in + self.labels[cond][:, None]
+        h, weight = self.attn(tokens, (g, g), want_map)
+        h = (h @ self.w_out).transpose(1, 2).reshape(b, 3, g, g)
+        eps = 0.5 * x + torch.tanh(F.interpolate(h, size=x.shape[-2:], mode="nearest")) + 0.1 * t.reshape(-1, 1, 1, 1)
+        return (eps, weight) if want_map else eps
+
+
+def _tv_gaussian_blur(img, kernel_size, sigma, kernel_dtype=torch.float32):
+    """torchvision ``GaussianBlur(kernel_size, sigma)`` (as the authors' code calls it; diffusers'
+    ``gaussian_blur_2d`` is the same): 1-D kernel ``exp(−½(x/σ)²)`` on ``linspace(−(k−1)/2, (k−1)/2, k)``
+    normalised (computed in float32 there), its outer product as one 2-D depthwise kernel, reflect padding k // 2."""
+    import torch.nn.functional as F
+
+    half = (kernel_size - 1) * 0.5
+    pdf = torch.exp(-0.5 * (torch.linspace(-half, half, kernel_size, dtype=kernel_dtype) / sigma) ** 2)
+    k1 = (pdf / pdf.sum()).to(img.dtype)
+    c = img.shape[-3]
+    k2 = (k1[:, None] @ k1[None, :]).expand(c, 1, kernel_size, kernel_size)
+    pad = kernel_size // 2
+    return F.conv2d(F.pad(img, [pad, pad, pad, pad], mode="reflect"), k2, groups=c)
+
+
+def _sag_mask(weight, b, heads, channels, size):
+    """The official mask: mean over heads, sum over queries (attention each key token receives) ``> 1``, reshaped
+    to the token grid, repeated over channels, nearest-upsampled (``F.interpolate``'s default)."""
+    import torch.nn.functional as F
+
+    n = weight.shape[-1]
+    received = weight.reshape(b, heads, n, n).mean(1).sum(1)
+    side = math.isqrt(n)
+    mask = (received > 1.0).reshape(b, side, side).unsqueeze(1).repeat(1, channels, 1, 1).to(weight.dtype)
+    return F.interpolate(mask, (size, size)), received
+
+
+def _sag_sd_pipeline(model, x, t, labels, cfg_scale, sag_scale, kernel_dtype=torch.float32):
+    """The authors' Stable Diffusion pipeline (SusungHong/Self-Attention-Guidance ``pipeline_stable_diffusion_sag.py``,
+    ``__call__`` with CFG and ``sag_masking``; diffusers' ``StableDiffusionSAGPipeline`` is the same): CFG on ε; x̂0
+    from the unconditional ε̂_u; the mask from the unconditional pass's map; 9-tap σ = 1 blur; re-noised with ε̂_u
+    (``add_noise``); ``ε = ε_cfg + s (ε̂_u − ε(x̃_t, ∅))``. Returns the x̂0 of the final ε and the token sums."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    a, s = float(model.path.alpha(tt)), float(model.path.sigma(tt))
+    tv = torch.full((x.shape[0],), t, dtype=torch.float64)
+    null = torch.full_like(labels, 10)
+    eps_u, weight = model(x, tv, null, want_map=True)
+    eps_c = model(x, tv, labels)
+    eps = eps_u + cfg_scale * (eps_c - eps_u)
+    x0 = (x - s * eps_u) / a
+    mask, received = _sag_mask(weight, x.shape[0], model.attn.heads, x.shape[1], x.shape[-1])
+    degraded = _tv_gaussian_blur(x0, 9, 1.0, kernel_dtype) * mask + x0 * (1 - mask)
+    eps_deg = model(a * degraded + s * eps_u, tv, null)
+    eps = eps + sag_scale * (eps_u - eps_deg)
+    return (x - s * eps) / a, received
+
+
+def _sag_guided_diffusion(model, x, t, labels, guide_scale, blur_sigma, kernel_dtype=torch.float32):
+    """The paper's guided-diffusion fork (SusungHong/Self-Attention-Guidance ``gaussian_diffusion.py``, ``p_sample``
+    / ``ddim_sample`` with ``attention_masking``), no CFG, ``clip_denoised=False``: ε̂ and the map of one pass,
+    ``x̂0 = √(1/ᾱ) x − √(1/ᾱ − 1) ε̂``, mask, ``GaussianBlur(kernel_size=31, sigma=blur_sigma)``,
+    ``q_sample(x̃0, t, noise=ε̂)``, ``ε = ε̃ + s (ε̂ − ε̃)`` with s = ``guide_scale``. Returns the x̂0 of the final ε."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    a, s = float(model.path.alpha(tt)), float(model.path.sigma(tt))
+    tv = torch.full((x.shape[0],), t, dtype=torch.float64)
+    eps, weight = model(x, tv, labels, want_map=True)
+    x0 = x / a - (s / a) * eps
+    mask, received = _sag_mask(weight, x.shape[0], model.attn.heads, x.shape[1], x.shape[-1])
+    degraded = _tv_gaussian_blur(x0, 31, blur_sigma, kernel_dtype) * mask + x0 * (1 - mask)
+    eps_bar = model(a * degraded + s * eps, tv, labels)
+    guided = eps_bar + guide_scale * (eps - eps_bar)
+    return (x - s * guided) / a, received
+
+
+def _steer_guided_x0(model, x, labels, t, spec):
+    import steer
+
+    it = steer.sampler(model, noise=x, cond=labels, guidance=spec, solver="euler", timesteps=[t, 0.0])
+    assert torch.equal(it.x, x)  # VP: the loop starts at the noise itself
+    return next(iter(it)).x0
+
+
+def test_sag_with_cfg_matches_the_authors_stable_diffusion_pipeline():
+    """One guidance evaluation of ``cfg(3) + sag(1.75)`` (SD pipeline: guidance_scale 3, sag_scale 0.75) on a
+    16×16 ε-model whose 4×4-token attention map the reference reads itself: steer's x̂0 equals the re-implemented
+    pipeline's to float64 precision (float64 kernel in the reference); with the official float32 kernel they
+    differ by the kernel's rounding only."""
+    model = _SagModel()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 7, 9])
+    for t in (0.3, 0.7):
+        ours = _steer_guided_x0(model, x, labels, t, "cfg(scale=3) + sag(scale=1.75)")  # with CFG: 'uncond'
+        forced = _steer_guided_x0(model, x, labels, t, "cfg(scale=3) + sag(scale=1.75, source='uncond')")
+        assert torch.equal(ours, forced)
+        ref, received = _sag_sd_pipeline(model, x, t, labels, 3.0, 0.75, torch.float64)
+        assert (received - 1).abs().min() > 1e-6  # no token on the threshold: both sides must pick the same mask
+        assert 0 < (received > 1).float().mean() < 1  # a real mask, neither empty nor full
+        assert _maxdiff(ours, ref) < 1e-10, t  # |x̂0| up to 60 at t = 0.7: relative 2e-14
+        plain = _steer_guided_x0(model, x, labels, t, "cfg(scale=3)")
+        assert (ours - plain).abs().max() > 1e-2  # SAG's term is not small here
+        ref32, _ = _sag_sd_pipeline(model, x, t, labels, 3.0, 0.75, torch.float32)
+        rel = float((ours - ref32).abs().max() / ref32.abs().max())
+        key = "sag: the official float32 blur kernel vs steer's float64 one, relative to max |x̂0|"
+        MEASURED[key] = max(MEASURED.get(key, 0.0), rel)
+        assert rel < 1e-5  # measured 1.7e-6: the float32 kernel's rounding (6e-8) carried through the second pass
+
+
+def test_sag_without_cfg_matches_the_papers_guided_diffusion_code():
+    """``sag(scale=1.5, blur_sigma=3, kernel_size=31)`` alone (``source='auto'``: the conditional branch, as the
+    official code without CFG) against the guided-diffusion fork's step
+    (guide_scale 1.5 is steer's w; 31 taps, σ = 3 as its ImageNet 128 script) on a 32×32 image with an 8×8 token
+    map (attn_res 8): equal to float64 precision. Steer's default 9 taps give another result at σ = 3."""
+    model = _SagModel(size=32, grid=8, seed=1)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([1, 5, 10])
+    t = 0.5
+    ours = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, kernel_size=31)")  # alone: 'cond'
+    ref, received = _sag_guided_diffusion(model, x, t, labels, 1.5, 3.0, torch.float64)
+    assert (received - 1).abs().min() > 1e-6 and 0 < (received > 1).float().mean() < 1
+    assert _maxdiff(ours, ref) < 1e-12
+    forced = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, kernel_size=31, source='cond')")
+    assert torch.equal(forced, ours)
+    old_default = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, kernel_size=31, source='uncond')")
+    assert (old_default - ref).abs().max() > 1e-3  # steer's old default read the unconditional branch even alone
+    nine = _steer_guided_x0(model, x, labels, t, "sag(scale=1.5, blur_sigma=3, source='cond')")
+    assert (nine - ref).abs().max() > 1e-3  # the kernel size matters: the test can tell 9 taps from 31
+
+
+# ---------------------------------------------------------------------------------------------------
 # Solvers: the packaged accuracy table, Heun on vp-cosine
 
 

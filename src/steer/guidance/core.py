@@ -67,6 +67,9 @@ class Guidance:
     def prepare(self, device: torch.device) -> None:
         """Called at the start of every sampling call with the device of the state (moves named guide models)."""
 
+    def bind(self, stack: "Stack") -> None:
+        """Called after ``reset`` with the stack this method samples in (SAG's ``source='auto'`` looks for CFG)."""
+
     def skip_all(self, ctx: Ctx) -> bool:
         """True when this evaluation needs no network output at all (CFG-Zero*'s zero-init)."""
         return False
@@ -237,10 +240,14 @@ class Stack(Guidance):
             raise ValueError("at most one method in a stack may set the re-noise estimate (cfgpp)")
         self.needs_renoise = any(p.needs_renoise for p in flat)
         self.first_order_only = any(p.first_order_only for p in flat)
+        for p in flat:
+            p.bind(self)
 
     def reset(self):
         for p in self.parts:
             p.reset()
+        for p in self.parts:
+            p.bind(self)
 
     def prepare(self, device):
         for p in self.parts:

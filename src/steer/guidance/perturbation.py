@@ -244,31 +244,55 @@ class SAG(Term):
     self-attention of the chosen layer; tokens whose received attention (mean over heads, summed over queries) exceeds
     1 form a mask M (nearest-upsampled to the image); the prediction is degraded there,
     ``x̃0 = M ⊙ blur(x̂0) + (1 − M) ⊙ x̂0``, re-noised with the same noise estimate, ``x̃_t = α x̃0 + σ ε̂``, and
-    evaluated again: ``D = D_guided + (w − 1)(x̃0 − D(x̃_t))`` (ComfyUI's denoised form; the paper's s = w − 1).
-    Gaussian blur of ``blur_sigma`` with a 9-tap kernel. ``source="cond"`` uses the conditional branch (guidance
-    without CFG). Defaults s = 0.75 (w = 1.75) and σ = 1 (the diffusers SAG pipeline, from the paper's code).
-    Cost: +1 NFE, a second sequential pass (plus the unconditional pass when it is not already run for CFG)."""
+    evaluated again: ``D = D_guided + (w − 1)(x̃0 − D(x̃_t))`` (ComfyUI's denoised form; the SD pipelines'
+    ``sag_scale`` is s = w − 1, the guided-diffusion code's ``guide_scale`` is w).
+    The blur is torchvision's ``GaussianBlur(kernel_size, blur_sigma)`` as the official code calls it (the kernel
+    ``exp(−r²/2σ²)`` on ``r = −(k−1)/2 … (k−1)/2``, normalised, reflect padding; the official code computes the kernel
+    in float32, steer in float64 then in the prediction's dtype); where the image is too small for a reflect pad of
+    ``k // 2`` (the official code raises), steer pads by replication. ``source``: the branch whose map,
+    prediction and ε̂ are used and re-evaluated; ``"auto"`` (default), as the official code, takes the unconditional
+    branch when a CFG-family term is stacked (the SD pipelines with CFG) and the conditional one otherwise (the SD
+    pipelines without CFG, the paper's guided-diffusion code); ``"uncond"``/``"cond"`` force one.
+    Defaults s = 0.75 (w = 1.75), σ = 1 with 9 taps: the diffusers SAG pipeline and the authors' Stable Diffusion
+    pipeline (which defaults to s = 1); the authors' guided-diffusion runs use 31 taps with σ = 3 or 9 and
+    ``guide_scale`` = w (1.01–1.5). Cost: +1 NFE, a second sequential pass (and the unconditional pass with
+    ``source="uncond"`` when no CFG runs it)."""
 
     name, neg, space = "sag", "sag", "x0"
 
-    def __init__(self, scale: float = 1.75, blur_sigma: float = 1.0, layers=None, source: str = "uncond", **kwargs):
+    def __init__(self, scale: float = 1.75, blur_sigma: float = 1.0, layers=None, source: str = "auto",
+                 kernel_size: int = 9, **kwargs):
         super().__init__(scale, **kwargs)
-        check_choice(self.name, "source", source, ("uncond", "cond"))  # uncond: with CFG; cond: without
-        self.blur_sigma, self.source = float(blur_sigma), source
+        check_choice(self.name, "source", source, ("auto", "uncond", "cond"))  # auto: uncond with CFG, else cond
+        if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"sag: kernel_size must be an odd positive integer (9 in the Stable Diffusion pipelines, "
+                             f"31 in the paper's guided-diffusion code), got {kernel_size!r}")
+        if blur_sigma <= 0:
+            raise ValueError(f"sag: blur_sigma must be > 0, got {blur_sigma!r}")
+        self.blur_sigma, self.source, self.kernel_size = float(blur_sigma), source, int(kernel_size)
+        self.src = "cond" if source == "auto" else source  # the branch used; 'auto' is resolved by bind()
         self.recorder = hooks.RecordAttention(layers)
 
+    def reset(self):
+        self.src = "cond" if self.source == "auto" else self.source
+
+    def bind(self, stack):
+        if self.source == "auto":
+            cfg = any(getattr(t, "pos", None) == "cond" and getattr(t, "neg", None) == "uncond" for t in stack.terms)
+            self.src = "uncond" if cfg else "cond"
+
     def branch_specs(self):  # the recorder rides on the source branch itself: no extra rows for it
-        return {self.source: Branch(self.source, self.recorder), "sag_eval": Branch(self.source)}
+        return {self.src: Branch(self.src, self.recorder), "sag_eval": Branch(self.src)}
 
     def branches(self, ctx):
-        return ("cond", self.source) if self.active(ctx) and self.source != "cond" else ("cond",)
+        return ("cond", self.src) if self.active(ctx) and self.src != "cond" else ("cond",)
 
     def combine(self, preds, ctx):
         import torch
 
         if not self.active(ctx):
             return preds["cond"]
-        d_src = preds[self.source]
+        d_src = preds[self.src]
         maps = self.recorder.maps  # [B, heads, tokens, tokens] of the source rows
         received = maps.mean(1).sum(1)  # attention each token receives
         b, n = received.shape
@@ -276,14 +300,14 @@ class SAG(Term):
         grid = _grid_of(n, x.shape[-2:])
         mask = (received > 1.0).float().reshape(b, 1, *grid)
         mask = torch.nn.functional.interpolate(mask, size=x.shape[-2:], mode="nearest").to(x.dtype)
-        degraded = mask * _gaussian_blur(d_src, self.blur_sigma) + (1 - mask) * d_src
+        degraded = mask * _gaussian_blur(d_src, self.blur_sigma, self.kernel_size) + (1 - mask) * d_src
         x_deg = ctx.point.alpha * degraded + ctx.point.sigma * ctx.point.eps(x, d_src)
         d_again = ctx.evaluate({"sag_eval": x_deg})["sag_eval"]
         return preds["cond"] + (self.weight(ctx) - 1) * (degraded - d_again)
 
     def options(self):
         return {**super().options(), "blur_sigma": self.blur_sigma, "layers": _layers(self.recorder),
-                "source": self.source}
+                "source": self.source, "kernel_size": self.kernel_size}
 
 
 def _grid_of(n_tokens: int, size) -> tuple[int, int]:
@@ -298,9 +322,9 @@ def _gaussian_blur(x, sigma: float, size: int = 9):
     import torch
     import torch.nn.functional as F
 
-    r = torch.arange(size, dtype=x.dtype, device=x.device) - size // 2
+    r = torch.arange(size, dtype=torch.float64) - size // 2  # the kernel in float64, then in x's dtype
     k = torch.exp(-(r**2) / (2 * sigma**2))
-    k = k / k.sum()
+    k = (k / k.sum()).to(device=x.device, dtype=x.dtype)
     c = x.shape[1]
     pad = size // 2
     mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
@@ -332,7 +356,8 @@ def nag_comfy(scale: float = 5.0, tau: float = 1.5, alpha: float = 0.5, layers: 
 @register("sag", family="perturbation",
           paper="Hong et al. 2023, Improving Sample Quality of Diffusion Models Using Self-Attention Guidance",
           arxiv="2210.00939", space="x0", extra_nfe="+1 (sequential)", needs_hooks=True,
-          defaults_source="s = 0.75 (w = 1.75), blur σ = 1: the diffusers SAG pipeline; layer: the middle block")
-def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers: Layers = None, source: str = "uncond",
-        **kwargs) -> SAG:
-    return SAG(scale, blur_sigma, layers, source, **kwargs)
+          defaults_source="s = 0.75 (w = 1.75), blur σ = 1 with 9 taps: the diffusers SAG pipeline (the authors' "
+                          "Stable Diffusion pipeline: the same blur, s = 1); layer: the middle block")
+def sag(scale: float = 1.75, blur_sigma: float = 1.0, layers: Layers = None, source: str = "auto",
+        kernel_size: int = 9, **kwargs) -> SAG:
+    return SAG(scale, blur_sigma, layers, source, kernel_size, **kwargs)
