@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import parse_spec
+from .spec import build
 
 __all__ = ["Operator", "Inpaint", "Downsample", "GaussianBlur", "GaussianNoise", "parse", "OPERATORS"]
 
@@ -162,10 +162,4 @@ def parse(spec: "str | Operator | None"):
     ``"blur(sigma=1.0, size=5)"`` (an operator or a callable passes through)."""
     if spec is None or not isinstance(spec, str):
         return spec
-    name, args, kwargs = parse_spec(spec)
-    if name not in OPERATORS:
-        raise ValueError(f"unknown operator {name!r}; allowed: {', '.join(OPERATORS)}")
-    try:
-        return OPERATORS[name](*args, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad options for operator {name!r}: {e}") from None
+    return build(spec, OPERATORS, "operator")

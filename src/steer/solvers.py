@@ -25,7 +25,7 @@ import torch
 
 from .core import Denoised, TimePoint, points
 from .paths import Path, karras
-from .spec import parse_spec
+from .spec import build
 
 __all__ = ["Denoised", "Solver", "SOLVERS", "get_solver", "solver_table"]
 
@@ -728,13 +728,7 @@ def get_solver(solver: "str | Solver") -> Solver:
         return solver
     if isinstance(solver, type) and issubclass(solver, Solver):
         return solver()
-    name, args, kwargs = parse_spec(solver)
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; allowed: {', '.join(SOLVERS)}")
-    try:
-        return SOLVERS[name](*args, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad options for solver {name!r}: {e}") from e
+    return build(solver, SOLVERS, "solver")
 
 
 def most_accurate(path: str, nfe: int) -> tuple[str, dict] | None:

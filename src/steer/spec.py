@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import math
 
-__all__ = ["parse_spec", "format_spec", "is_literal"]
+__all__ = ["parse_spec", "format_spec", "is_literal", "build"]
 
 _FLOAT_NAMES = {"inf": math.inf, "nan": math.nan}
 
@@ -73,3 +73,15 @@ def format_spec(name: str, options: dict) -> str:
         return name if name.startswith("<") else f"<{name}>"
 
     return f"{name}({', '.join(f'{k}={fmt(v)}' for k, v in options.items())})"
+
+
+def build(spec: str, registry: dict, kind: str):
+    """``registry[name](*args, **kwargs)`` for the spec string ``name(args, kwargs)``; an unknown name or bad options
+    give a ValueError naming the ``kind`` and what is allowed."""
+    name, args, kwargs = parse_spec(spec)
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(registry)}")
+    try:
+        return registry[name](*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad options for {kind} {name!r}: {e}") from None

@@ -78,6 +78,17 @@ class ConfigError(ValueError):
     """A sweep configuration that cannot run; the message is one line naming the file and the key."""
 
 
+def _check_models(models):
+    for m in models:
+        if m not in MODELS:
+            raise ValueError(f"unknown model {m!r}; allowed: {', '.join(sorted(MODELS))}")
+
+
+def _check_solvers(solvers):
+    for s in solvers:
+        get_solver(s)  # raises a ValueError naming what is allowed
+
+
 class Expect(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,15 +130,13 @@ class Claim(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v):
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(sorted(MODELS))}")
+        _check_models([v])
         return v
 
     @field_validator("solver", "baseline_solver")
     @classmethod
     def _solver(cls, v):
-        if v is not None:
-            get_solver(v)
+        _check_solvers([v] if v is not None else [])
         return v
 
     @field_validator("method", "baseline")
@@ -163,16 +172,13 @@ class Sweep(BaseModel):
     @field_validator("models")
     @classmethod
     def _models(cls, v):
-        for m in v or ():
-            if m not in MODELS:
-                raise ValueError(f"unknown model {m!r}; allowed: {', '.join(sorted(MODELS))}")
+        _check_models(v or [])
         return v
 
     @field_validator("solvers")
     @classmethod
     def _solvers(cls, v):
-        for s in v:
-            get_solver(s)  # raises a ValueError naming what is allowed
+        _check_solvers(v)
         return v
 
     @field_validator("steps", "nfe")
