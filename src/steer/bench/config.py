@@ -46,6 +46,7 @@ inconclusive rather than held or failed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -255,8 +256,21 @@ class Cell:
 
     @property
     def key(self) -> str:
-        """The hash of the canonical configuration (sorted JSON, including steer's version)."""
-        return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:32]
+        """The hash of the canonical configuration (sorted JSON, including steer's version) and of steer's source
+        code, so a cell computed by other code is computed again rather than reused."""
+        text = json.dumps({**self.config(), "code": code_hash()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@functools.cache
+def code_hash() -> str:
+    """A hash of the steer package's Python sources and shipped weights (paths and contents)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".pt") and "__pycache__" not in p.parts):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def claim_cells(sweep: Sweep, claim: Claim) -> tuple[list[Cell], list[Cell]]:
