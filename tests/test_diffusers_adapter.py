@@ -595,3 +595,55 @@ def test_pag_and_seg_hooks_keep_the_ip_adapter_branch_on_the_perturbed_rows(ip_p
             assert _maxdiff(got[2], plain[2]) > 1e-3  # the perturbation acts (measured PAG 0.045, SEG 0.0049)
             assert _maxdiff(expect[2], other_image[2]) > 1e-2  # the perturbed row sees its image prompt (0.18)
             assert attn1.processor is own
+
+
+@pytest.mark.parametrize("kind", ["tpg", "slg"])
+def test_block_hooks_slice_the_ip_adapter_tokens_by_row(ip_pipe, kind):
+    """With an IP-Adapter the UNet hands its blocks encoder_hidden_states = (text, [image tokens]): TPG and
+    skip-layer slice that tuple by row too (the perturbed rows see their own image tokens) and equal the mid block's
+    transformer block replaced by hand on every row."""
+    model = sd.denoiser(ip_pipe)
+    enc = sd.encode(ip_pipe, PROMPT, NEGATIVE, ip_adapter_image_embeds=[_image_embeds(2)])
+    cond3 = condlib.cat([enc.uncond, enc.cond, enc.cond])
+    x = _latents(ip_pipe, seed=13).repeat(3, 1, 1, 1)
+    t = torch.full((3,), 0.5)
+    block = ip_pipe.unet.mid_block.attentions[0].transformer_blocks[0]
+    model.sites()  # installs the sites (they wrap block.forward) before the by-hand swap below saves it
+    wrapped = block.forward
+    inner = type(block).forward
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(5))  # the mid block's 4×4 tokens
+    if kind == "slg":
+        by_hand, p = (lambda hidden_states, **kw: hidden_states), hooks.SkipLayer()
+    else:
+        by_hand, p = (lambda hidden_states, **kw: inner(block, hidden_states[:, perm], **kw)), hooks.TokenShuffle(
+            None, seed=5)
+    with torch.no_grad():
+        plain = model(x, t, cond3)
+        with hooks.perturb(model, {(1, 3): p}):
+            got = model(x, t, cond3)
+        block.forward = by_hand
+        try:
+            expect = model(x, t, cond3)
+        finally:
+            block.forward = wrapped
+    assert torch.equal(got[:1], plain[:1])
+    assert _maxdiff(got[1:], expect[1:]) < 1e-6
+    assert _maxdiff(got[1:], plain[1:]) > 1e-3
+
+
+def test_nag_runs_through_the_ip_adapter_processor(ip_pipe, base_sd):
+    """NAG acts in the cross-attention, where the IP-Adapter processor is: steer intercepts its first attention
+    call (the text one) and adds the image-prompt term unchanged. With the adapter's scale at 0 the processor is the
+    plain one, and steer's cfg + nag equals it on the pipeline without the IP-Adapter; at scale 1 the image prompt
+    acts. (The official NAG pipelines replace the cross-attention processors, so they have no IP-Adapter form.)"""
+    kw = {"negative_prompt": NEGATIVE, "guidance": f"cfg({SCALE}) + nag(4.0)", "solver": "ddim", "steps": 3,
+          "output_type": "latent", "seed": 0, **SIZE}
+    plain = sd.sample(base_sd, PROMPT, **kw)
+    with_ip = sd.sample(ip_pipe, PROMPT, ip_adapter_image_embeds=[_image_embeds(2)], **kw)
+    ip_pipe.set_ip_adapter_scale(0.0)
+    try:
+        off = sd.sample(ip_pipe, PROMPT, ip_adapter_image_embeds=[_image_embeds(2)], **kw)
+    finally:
+        ip_pipe.set_ip_adapter_scale(1.0)
+    assert _maxdiff(off, plain) < TOL
+    assert _maxdiff(with_ip, plain) > 0.1

@@ -490,4 +490,6 @@ def _take_rows(a, start, stop, batch):
         return a[start:stop] if a.ndim and a.shape[0] == batch else a
     if isinstance(a, dict):
         return {k: _take_rows(v, start, stop, batch) for k, v in a.items()}
+    if isinstance(a, (list, tuple)):  # a UNet with an IP-Adapter: encoder_hidden_states = (text, [image tokens])
+        return type(a)(_take_rows(v, start, stop, batch) for v in a)
     return a
