@@ -32,6 +32,11 @@ integer timesteps that "leading" and "trailing" spacings use, and differ by less
 
 Attention hooks (PAG, SEG, TPG, NAG, SAG, skip-layer) reach the network through ``Denoiser.sites()``, which
 delegates to ``steer.integrations.diffusers_attention``.
+
+What users load into a pipeline is used as the pipeline uses it: LoRA (``pipe.load_lora_weights``; its scale as
+``cross_attention_kwargs={"scale": s}`` / ``joint_attention_kwargs``, or ``pipe.set_adapters``), IP-Adapter on UNet
+pipelines (``pipe.load_ip_adapter``; ``ip_adapter_image_embeds`` as the pipeline takes them, into
+``added_cond_kwargs["image_embeds"]``); the hooks wrap those processors and layers (tests/test_diffusers_adapter.py).
 """
 
 from __future__ import annotations
