@@ -32,6 +32,11 @@ integer timesteps that "leading" and "trailing" spacings use, and differ by less
 
 Attention hooks (PAG, SEG, TPG, NAG, SAG, skip-layer) reach the network through ``Denoiser.sites()``, which
 delegates to ``steer.integrations.diffusers_attention``.
+
+What users load into a pipeline is used as the pipeline uses it: LoRA (``pipe.load_lora_weights``; its scale as
+``cross_attention_kwargs={"scale": s}`` / ``joint_attention_kwargs``, or ``pipe.set_adapters``), IP-Adapter on UNet
+pipelines (``pipe.load_ip_adapter``; ``ip_adapter_image_embeds`` as the pipeline takes them, into
+``added_cond_kwargs["image_embeds"]``); the hooks wrap those processors and layers (tests/test_diffusers_adapter.py).
 """
 
 from __future__ import annotations
@@ -173,10 +178,12 @@ class DiffusersDenoiser(torch.nn.Module):
         tau = self.timestep(t.reshape(-1).expand(x.shape[0]))
         h = cond["encoder_hidden_states"].to(dtype)
         if self.family in ("sd", "sdxl"):
-            added = None
+            added = {}
             if "text_embeds" in cond:
                 added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"]}
-            out = self.net(x.to(dtype), tau, encoder_hidden_states=h, added_cond_kwargs=added,
+            if "image_embeds" in cond:  # IP-Adapter: one tensor per loaded adapter, projected by encoder_hid_proj
+                added["image_embeds"] = [e.to(dtype) for e in cond["image_embeds"]]
+            out = self.net(x.to(dtype), tau, encoder_hidden_states=h, added_cond_kwargs=added or None,
                            cross_attention_kwargs=self.call_kwargs.get("cross_attention_kwargs"), return_dict=False)[0]
         elif self.family == "sd3":
             out = self.net(hidden_states=x.to(dtype), timestep=tau, encoder_hidden_states=h,
@@ -256,11 +263,35 @@ def _flux_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-def denoiser(pipe, height: int | None = None, width: int | None = None) -> DiffusersDenoiser:
+def _attention_kwargs(family: str, cross_attention_kwargs, joint_attention_kwargs) -> dict:
+    """The per-call keyword arguments of the network under the name its pipeline's ``__call__`` uses: UNet
+    pipelines take ``cross_attention_kwargs``, SD3 and Flux ``joint_attention_kwargs`` (``{"scale": s}``: the LoRA
+    scale)."""
+    unet = family in ("sd", "sdxl")
+    given, other = ((cross_attention_kwargs, joint_attention_kwargs) if unet
+                    else (joint_attention_kwargs, cross_attention_kwargs))
+    if other is not None:
+        right, wrong = (("cross_attention_kwargs", "joint_attention_kwargs") if unet
+                        else ("joint_attention_kwargs", "cross_attention_kwargs"))
+        raise ValueError(f"a {family} pipeline takes {right}=, not {wrong}=")
+    if given is not None and not isinstance(given, dict):
+        raise ValueError(f"cross_attention_kwargs / joint_attention_kwargs must be a dict, got {type(given).__name__}")
+    if given is None:
+        return {}
+    return {"cross_attention_kwargs" if unet else "joint_attention_kwargs": dict(given)}
+
+
+def denoiser(pipe, height: int | None = None, width: int | None = None, cross_attention_kwargs: dict | None = None,
+             joint_attention_kwargs: dict | None = None) -> DiffusersDenoiser:
     """The pipeline's network as a steer Denoiser, with the path of its scheduler config (Flux and dynamically
-    shifted SD3.5: the shift for an image of ``height × width``, default the pipeline's default size)."""
+    shifted SD3.5: the shift for an image of ``height × width``, default the pipeline's default size).
+
+    ``cross_attention_kwargs`` (UNet pipelines) or ``joint_attention_kwargs`` (SD3, Flux) go to every network call,
+    as the pipeline's ``__call__`` passes them (``{"scale": 0.5}``: the LoRA scale of adapters loaded with
+    ``pipe.load_lora_weights``)."""
     family = _family(pipe)
     net = _network(pipe)
+    call = _attention_kwargs(family, cross_attention_kwargs, joint_attention_kwargs)
     config = pipe.scheduler.config
     height, width = _size(pipe, family, height, width)
     shape = _latent_shape(pipe, family, 1, height, width)
@@ -268,12 +299,12 @@ def denoiser(pipe, height: int | None = None, width: int | None = None) -> Diffu
         kind = config.get("prediction_type", "epsilon")
         if kind not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {kind!r} for a UNet; allowed: epsilon, v_prediction, sample")
-        return DiffusersDenoiser(net, family, vp_path(config), _KIND_OF_PREDICTION[kind], shape[1:])
+        return DiffusersDenoiser(net, family, vp_path(config), _KIND_OF_PREDICTION[kind], shape[1:], call)
     path = flow_path(config, _set_timesteps_kwargs(pipe, family, 1, shape).get("mu"))
     if family == "flux":
         tokens = (shape[2] // 2) * (shape[3] // 2)
-        return DiffusersDenoiser(net, family, path, "flow", (tokens, shape[1] * 4))
-    return DiffusersDenoiser(net, family, path, "flow", shape[1:])
+        return DiffusersDenoiser(net, family, path, "flow", (tokens, shape[1] * 4), call)
+    return DiffusersDenoiser(net, family, path, "flow", shape[1:], call)
 
 
 def pipeline_grid(pipe, steps: int, height: int | None = None, width: int | None = None, path=None):
@@ -326,26 +357,83 @@ class Encoded:
 def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
            num_images_per_prompt: int = 1, negative: bool = True, height: int | None = None, width: int | None = None,
            embedded_guidance: float | None = 3.5, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-           max_sequence_length: int | None = None, device=None) -> Encoded:
+           max_sequence_length: int | None = None, device=None, ip_adapter_image_embeds=None,
+           lora_scale: float | None = None) -> Encoded:
     """Encode prompts with the pipeline's own ``encode_prompt`` into steer conditionings (see the module docstring).
 
     ``negative=False`` skips the negative branch (guidance without an unconditional branch). Flux encodes a
     negative only when ``negative_prompt``/``negative_prompt_embeds`` is given, as its pipeline does for true CFG.
+    ``lora_scale`` scales the text encoders' LoRA layers as the pipeline's ``__call__`` does with the ``"scale"`` of
+    its ``cross_attention_kwargs``/``joint_attention_kwargs``. ``ip_adapter_image_embeds`` (UNet pipelines with an
+    IP-Adapter loaded): a list with one tensor per adapter, ``[batch, images, dim]`` as the pipeline's argument of
+    that name; with ``negative`` the negative embeds come first along the batch (``torch.cat([negative,
+    positive])``), as the pipeline takes them under CFG. A batch of 1 is repeated over the prompts. They go to
+    ``cond``/``uncond`` as ``image_embeds`` (the UNet's ``added_cond_kwargs``).
     """
+    enc = _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                          negative, height, width, embedded_guidance, pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds, max_sequence_length, device, lora_scale)
+    if ip_adapter_image_embeds is not None:
+        batch = enc.cond["encoder_hidden_states"].shape[0]
+        pos, neg = _image_embeds(pipe, ip_adapter_image_embeds, batch, negative,
+                                 enc.cond["encoder_hidden_states"].device)
+        enc.cond["image_embeds"] = pos
+        if enc.uncond is not None:
+            enc.uncond["image_embeds"] = neg
+    return enc
+
+
+def _image_embeds(pipe, embeds, batch: int, negative: bool, device) -> tuple[list, list | None]:
+    """IP-Adapter image embeddings as the pipeline's ``prepare_ip_adapter_image_embeds`` takes precomputed ones:
+    ``(positive, negative)`` lists with ``batch`` rows each."""
+    family = _family(pipe)
+    if family not in ("sd", "sdxl"):
+        raise ValueError(f"ip_adapter_image_embeds= is supported on UNet pipelines (SD1.5, SD2, SDXL), not on {family}")
+    proj = getattr(pipe.unet, "encoder_hid_proj", None)
+    if type(proj).__name__ != "MultiIPAdapterImageProjection":
+        raise ValueError("ip_adapter_image_embeds= needs an IP-Adapter loaded into the UNet (pipe.load_ip_adapter)")
+    n_adapters = len(proj.image_projection_layers)
+    if not isinstance(embeds, (list, tuple)) or not all(isinstance(e, torch.Tensor) and e.ndim in (3, 4)
+                                                         for e in embeds):
+        raise ValueError("ip_adapter_image_embeds must be a list of 3-D or 4-D tensors (one per IP-Adapter), as the "
+                         "pipeline's argument of that name")
+    if len(embeds) != n_adapters:
+        raise ValueError(f"ip_adapter_image_embeds has {len(embeds)} tensors for {n_adapters} loaded IP-Adapter(s)")
+
+    def rows(e):
+        if e.shape[0] not in (1, batch):
+            raise ValueError(f"ip_adapter_image_embeds: each part has batch {e.shape[0]}; allowed: 1 (repeated over "
+                             f"the prompts) or {batch}")
+        return e.to(device).expand(batch, *e.shape[1:]) if e.shape[0] == 1 else e.to(device)
+
+    if not negative:
+        return [rows(e) for e in embeds], None
+    if any(e.shape[0] % 2 for e in embeds):
+        raise ValueError("with guidance, each ip_adapter_image_embeds tensor holds the negative embeds then the "
+                         "positive ones along the batch (torch.cat([negative, positive]), as the pipeline takes them "
+                         "under CFG): its batch must be even")
+    halves = [e.chunk(2) for e in embeds]
+    return [rows(p) for _, p in halves], [rows(n) for n, _ in halves]
+
+
+def _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                    negative, height, width, embedded_guidance, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                    max_sequence_length, device, lora_scale) -> Encoded:
     family = _family(pipe)
     device = pipe._execution_device if device is None else device
     height, width = _size(pipe, family, height, width)
     n = num_images_per_prompt
     if family == "sd":
         pe, ne = pipe.encode_prompt(prompt, device, n, negative, negative_prompt, prompt_embeds=prompt_embeds,
-                                    negative_prompt_embeds=negative_prompt_embeds)
+                                    negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale)
         return Encoded({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if negative else None)
     if family == "sdxl":
         pe, ne, pp, npp = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=n,
                                              do_classifier_free_guidance=negative, negative_prompt=negative_prompt,
                                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                              pooled_prompt_embeds=pooled_prompt_embeds,
-                                             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+                                             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                             lora_scale=lora_scale)
         proj = (int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
         ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
                                      text_encoder_projection_dim=proj).to(device).repeat(pe.shape[0], 1)
@@ -358,7 +446,8 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
                                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                              pooled_prompt_embeds=pooled_prompt_embeds,
                                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                             device=device, num_images_per_prompt=n, **extra)
+                                             device=device, num_images_per_prompt=n, lora_scale=lora_scale,
+                                             **extra)
         return Encoded({"encoder_hidden_states": pe, "pooled_projections": pp},
                        {"encoder_hidden_states": ne, "pooled_projections": npp} if negative else None)
     # flux
@@ -369,7 +458,7 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     def one(p, embeds, pooled):
         pe, pp, txt_ids = pipe.encode_prompt(prompt=p, prompt_2=None, prompt_embeds=embeds,
                                              pooled_prompt_embeds=pooled, device=device, num_images_per_prompt=n,
-                                             **extra)
+                                             lora_scale=lora_scale, **extra)
         b = pe.shape[0]
         c = {"encoder_hidden_states": pe, "pooled_projections": pp,
              "txt_ids": txt_ids.expand(b, *txt_ids.shape[-2:]), "img_ids": img_ids.expand(b, *img_ids.shape)}
@@ -432,14 +521,22 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
            latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
            output_type: str = "pil", num_images_per_prompt: int = 1, embedded_guidance: float | None = 3.5,
            pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, timesteps=None,
-           max_sequence_length: int | None = None, return_info: bool = False):
+           max_sequence_length: int | None = None, ip_adapter_image_embeds=None,
+           cross_attention_kwargs: dict | None = None, joint_attention_kwargs: dict | None = None,
+           return_info: bool = False):
     """Generate images with a diffusers pipeline's networks and any steer guidance and solver.
 
     Arguments as the pipeline's ``__call__``: ``prompt``/``negative_prompt`` (or their embeddings; SDXL, SD3 and
     Flux also take the pooled ones), ``height``/``width`` (default the pipeline's), ``latents`` (the same initial
     latents as the pipeline's ``latents=``, scaled by its scheduler's ``init_noise_sigma`` convention as the
     pipeline scales them; Flux: packed), ``generator`` (draws the initial latents as the pipeline does) or ``seed``
-    (a CPU generator), ``output_type`` ("pil", "np", "pt" or "latent"), ``num_images_per_prompt``.
+    (a CPU generator), ``output_type`` ("pil", "np", "pt" or "latent"), ``num_images_per_prompt``;
+    ``cross_attention_kwargs`` (SD, SDXL) / ``joint_attention_kwargs`` (SD3, Flux) go to every network call, their
+    ``"scale"`` also to the text encoders (the LoRA scale of ``pipe.load_lora_weights``; ``pipe.set_adapters`` and
+    ``pipe.fuse_lora`` act on the networks themselves and need nothing here); ``ip_adapter_image_embeds`` (SD, SDXL
+    with ``pipe.load_ip_adapter``): one tensor per adapter, the negative embeds first along the batch whenever
+    ``guidance`` is not None (steer then encodes a negative prompt), as the pipeline takes them under CFG (see
+    ``encode``). Hooks wrap the installed attention processors (LoRA, IP-Adapter), they do not replace them.
 
     steer's own: ``guidance`` is a steer spec string or object (``"apg(scale=10, eta=0) + pag(3)"``), ``None``
     for the conditional model alone, or ``"default"`` for the pipeline's default CFG (``DEFAULT_GUIDANCE``);
@@ -465,12 +562,13 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     guide = parse(guidance)
     height, width = _size(pipe, family, height, width)
     device = pipe._execution_device  # (a slow property in diffusers: read once)
-    model = denoiser(pipe, height, width)
+    model = denoiser(pipe, height, width, cross_attention_kwargs, joint_attention_kwargs)
+    lora_scale = (cross_attention_kwargs or joint_attention_kwargs or {}).get("scale")
     enc = encode(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                  negative=guide is not None, height=height, width=width, embedded_guidance=embedded_guidance,
                  pooled_prompt_embeds=pooled_prompt_embeds,
                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, max_sequence_length=max_sequence_length,
-                 device=device)
+                 device=device, ip_adapter_image_embeds=ip_adapter_image_embeds, lora_scale=lora_scale)
     steps = _default_steps(pipe) if steps is None else steps
     scheduler, grid = pipeline_grid(pipe, steps, height, width, model.path)
     if timesteps is not None:

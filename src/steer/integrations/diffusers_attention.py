@@ -249,8 +249,11 @@ def _attention_forward(module, *args, **kwargs):
         proc = type(getattr(module, "processor", None)).__name__
         raise RuntimeError(f"{self.name}: its attention processor {proc} does not call "
                            "torch.nn.functional.scaled_dot_product_attention, so steer's perturbations cannot "
-                           "reach it; use the default processor (e.g. AttnProcessor2_0 / the 'native' "
-                           "attention backend) on the perturbed layers, without attention slicing")
+                           "reach it; allowed on the perturbed layers: processors that call it (AttnProcessor2_0, "
+                           "IPAdapterAttnProcessor2_0, LoRA-loaded layers, the 'native' attention backend, custom "
+                           "ones); attention slicing (SlicedAttnProcessor) and xformers do not: call "
+                           "pipe.disable_attention_slicing(), or set_processor(AttnProcessor2_0()) on the perturbed "
+                           "layers only")
     return out
 
 
@@ -487,4 +490,6 @@ def _take_rows(a, start, stop, batch):
         return a[start:stop] if a.ndim and a.shape[0] == batch else a
     if isinstance(a, dict):
         return {k: _take_rows(v, start, stop, batch) for k, v in a.items()}
+    if isinstance(a, (list, tuple)):  # a UNet with an IP-Adapter: encoder_hidden_states = (text, [image tokens])
+        return type(a)(_take_rows(v, start, stop, batch) for v in a)
     return a
