@@ -69,7 +69,9 @@ def test_classifier_formula_linear_softmax():
 
 
 def test_dps_formula_linear_denoiser():
-    """x̂0 = k x, r = y − A x̂0: ∇_x ‖r‖ = −k Aᵀ r/‖r‖ per sample; x̂0' = x̂0 + ζ k Aᵀ r/(‖r‖ α_next), ε̂ held."""
+    """x̂0 = k x, r = y − A x̂0: ∇_x ‖r‖ = −k Aᵀ r/‖r‖ per sample; the state the step lands on moves by
+    −ζ∇ = ζ k Aᵀ r/‖r‖ (``ctx.displace``) and the step itself uses the unmoved x̂0. At a later evaluation of the step
+    (heun's second stage) nothing is differentiated and nothing displaced."""
     k, zeta = 0.5, 0.7
     x = torch.tensor([[1.0, 2.0, -1.0], [0.5, -0.5, 3.0]], dtype=D64)
     A = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]], dtype=D64)
@@ -77,9 +79,12 @@ def test_dps_formula_linear_denoiser():
     ctx, preds = _linear_ctx(x, "vp-linear", 0.5, 0.45, k)
     out = g.dps(zeta, operator=lambda v: v @ A.T, y=y).combine(preds, ctx)
     r = y - (k * x) @ A.T
-    step = zeta * k * (r / r.norm(dim=1, keepdim=True)) @ A / ctx.next.alpha
-    assert torch.allclose(out.x0, k * x + step, atol=1e-12)
-    assert torch.allclose(out.eps, ctx.point.eps(x, k * x), atol=1e-12)
+    assert torch.allclose(ctx.shift, zeta * k * (r / r.norm(dim=1, keepdim=True)) @ A, atol=1e-12)
+    assert torch.equal(out.x0, preds["cond"]) and out.eps is None
+    ctx, _ = _linear_ctx(x, "vp-linear", 0.5, 0.45, k)
+    ctx.first = False
+    out = g.dps(zeta, operator=lambda v: v @ A.T, y=y).combine({"cond": k * x}, ctx)  # no graph: none needed
+    assert ctx.shift is None and torch.equal(out.x0, k * x)
 
 
 def test_universal_formula_forward_and_backward():
@@ -100,7 +105,8 @@ def test_universal_formula_forward_and_backward():
 
 def test_tfg_formula_without_smoothing():
     """γ = 0, log f = −‖x0 − c‖²: Δ_t = ρ_t ∇_x log f(kx) = −2ρ_t k (kx − c), Δ_0 = −2μ_t (x̂0 − c) (one iteration);
-    x̂0' = x̂0 + Δ_t/α_t + Δ_0 with ε̂ held; ρ_t = ρ·a_t·T/Σa (the "increase" schedule over the grid)."""
+    the state the step lands on moves by Δ_t/sqrt(a_t) + sqrt(ᾱ_next) Δ_0 (= α_next (Δ_t/α_t + Δ_0) on VP), the
+    step uses the unmoved x̂0; ρ_t = ρ·a_t·T/Σa (the "increase" schedule over the grid)."""
     k, rho, mu = 0.5, 0.3, 0.2
     x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=D64)
     c = torch.tensor([0.2, -0.3], dtype=D64)
@@ -115,12 +121,14 @@ def test_tfg_formula_without_smoothing():
     w0 = a[0] * 2 / sum(a)
     d_t = -2 * rho * w0 * k * (k * x - c)
     d_0 = -2 * mu * w0 * (k * x - c)
-    assert torch.allclose(out.x0, k * x + d_t / grid[0].alpha + d_0, atol=1e-12)
-    assert torch.allclose(out.eps, grid[0].eps(x, k * x), atol=1e-12)
+    abar, abar_next = grid[0].alpha ** 2, grid[1].alpha ** 2
+    assert torch.allclose(ctx.shift, d_t / math.sqrt(abar / abar_next) + math.sqrt(abar_next) * d_0, atol=1e-12)
+    assert torch.equal(out.x0, preds["cond"])
 
 
 def test_flowchef_formula():
-    """ℓ = mean((x̂0 − c)²) per sample: x̂0 and ε̂ both move by −s·2(x̂0 − c)/D (the state moves, û is kept)."""
+    """ℓ = mean((x̂0 − c)²) per sample: the state moves by −s·2(x̂0 − c)/D and the step keeps û, so an Euler step
+    lands at x − s∇ + (t' − t) û."""
     s = 4.0
     x = torch.tensor([[1.0, 2.0, 0.0, 1.0]], dtype=D64).reshape(1, 1, 2, 2)
     c = torch.tensor([[0.5, -1.0], [0.0, 2.0]], dtype=D64)
@@ -128,11 +136,15 @@ def test_flowchef_formula():
     x0 = 0.3 * x
     out = g.flowchef(s, operator=lambda v: v, y=c.expand(1, 1, 2, 2)).combine({"cond": x0}, ctx)
     move = -s * 2 * (x0 - c) / 4
-    assert torch.allclose(out.x0, x0 + move, atol=1e-12)
-    assert torch.allclose(out.eps, ctx.point.eps(x, x0) + move, atol=1e-12)
-    # so an Euler step of the flow moves by exactly `move`: x + (t' − t) û is kept
+    assert torch.allclose(ctx.shift, move, atol=1e-12) and torch.equal(out.x0, x0)
+    # through the loop: one Euler step of a model whose x̂0 is 0.3 x
+    den = steer.denoiser(lambda v, t, cond: 0.7 * v / t.view(-1, 1, 1, 1), "flow", "flow")  # û = (x − x̂0)/t
+    it = steer.sampler(den, noise=x, timesteps=[0.6, 0.5, 0.0],
+                       guidance=g.flowchef(s, operator=lambda v: v, y=c.expand(1, 1, 2, 2)), solver="euler")
+    it.x = x
+    next(iter(it))
     u = ctx.to(x0, "flow")
-    assert torch.allclose((x + move) + (0.5 - 0.6) * u, 0.5 * out.eps + 0.5 * out.x0, atol=1e-12)
+    assert torch.allclose(it.x, x + move + (0.5 - 0.6) * u, atol=1e-12)
 
 
 def test_errors_name_the_problem():
@@ -146,9 +158,10 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="rectified-flow"):
         steer.sample(den, cond=torch.zeros(2, dtype=torch.long), solver="euler", steps=3, seed=0,
                      guidance=g.flowchef(1.0, loss=lambda x0: x0.pow(2).sum(1)))
-    with pytest.raises(ValueError, match="cannot use; use one of: ddim"):
-        steer.sample(den, cond=torch.zeros(2, dtype=torch.long), solver="heun", steps=3, seed=0,
-                     guidance=g.dps(1.0, operator=lambda v: v, y=torch.zeros(2, 2)))
+    ctx, preds = _linear_ctx(torch.ones(1, 2, dtype=D64), "vp-linear", 0.5, 0.45)
+    ctx.first = False
+    with pytest.raises(RuntimeError, match="once per step, at its first evaluation"):
+        ctx.displace(torch.ones(1, 2))
     with pytest.raises(ValueError, match="cannot be stacked"):
         g.cfg(3) + g.classifier(1.0, classifier=lambda x, t, p: x, unconditional=True)
 
