@@ -371,6 +371,8 @@ class _Evaluator:
             preds = self.evaluate({n: x for n in names}, p, first) if names else {}
             with torch.enable_grad() if self.inputs else contextlib.nullcontext():  # a grad branch's graph goes on
                 res = self.guide.combine(preds, ctx)
+            self.raw.clear()  # the grad branch's graph is freed with the evaluation, not kept to the next one
+            self.inputs.clear()
             d = res if isinstance(res, Denoised) else Denoised(res)
             d = Denoised(*(None if v is None else v.detach().to(x.dtype) for v in (d.x0, d.eps, d.x0_hist)))
             self.record(("guidance", self.step, p.sigma_bar), d.x0)
