@@ -1,4 +1,5 @@
-"""The sampling loop: plan branches → one batched evaluation → combine → solver step.
+"""The sampling loop: plan branches → one batched evaluation → combine → solver step (→ + gradient guidance's
+displacement, computed at the step's first evaluation).
 
 ``sampler(...)`` is the open loop, an iterator over steps whose whole state (``x``, the solver's state, the guidance
 state, the conditionings and per-item generators) can be read, replaced and reindexed between steps;

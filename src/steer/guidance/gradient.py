@@ -12,9 +12,9 @@ guided prediction ``d = (x̂0, ε̂)`` at ``(x_t, t)``, with every solver. Two k
   solver takes its ordinary step with the unmodified prediction (clipped where the method clips), so a multi-stage
   step (heun, midpoint, restart, …) evaluates its later stages without a graph and without guidance, and the
   displacement does not enter a multistep solver's x̂0 history (dpmpp_2m/3m, unipc, deis extrapolate the denoiser's
-  own predictions; the state they continue from carries Δ). On a DDIM-type step (ddim, ddpm, euler,
-  euler_ancestral) this is the same as moving x̂0 by ``Δ/α_next`` with ε̂ held, the form the papers write.
-  Nothing of it survives a step (``Sampler.resample`` has nothing to reindex).
+  own predictions; the state they continue from carries Δ, and UniPC's corrector keeps it). On a DDIM-type step
+  (ddim, ddpm, euler, euler_ancestral) this is the same as moving x̂0 by ``Δ/α_next`` with ε̂ held, the form the
+  papers write. Nothing of it survives a step (``Sampler.resample`` has nothing to reindex).
 
 Gradients through the denoiser come from the open loop's gradient branch: the conditional prediction is evaluated
 with autograd on, from a leaf ``ctx.inputs["cond"]`` (one activation graph per evaluation, freed when the
@@ -421,9 +421,8 @@ class FlowChef(Corrector):
     it after its noise. No step on the last interval (the reference skips it). The loss with ``operator=``/``y=``
     is the per-sample mean squared residual ``mean((A(x̂0) − y)²)`` (the reference averages over the batch as well,
     so its gradient shrinks as 1/batch: a recorded deviation). Space: x_t (= x0 gradient). Cost: the solver's NFE +
-    1 loss forward/backward per step,
-    no backward through the network (memory at inference level). Default s = 100 (the reference's argparse
-    default; its inverse-problem script passes 500).
+    1 loss forward/backward per step, no backward through the network (memory at inference level). Default
+    s = 100 (the reference's argparse default; its inverse-problem script passes 500).
     """
 
     name = "flowchef"
