@@ -662,13 +662,13 @@ def test_dps_heun_step_by_hand():
     assert (zeta * g_hand).abs().max() > 0.05  # the displacement is not negligible
 
 
-def _generators_copy(gens):
-    out = []
+def _noise_from_copies(gens):
+    """The sampler's per-item noise (float32 draws, one generator per row) from copies of its generators' states."""
+    copies = []
     for gen in gens:
-        c = torch.Generator()
-        c.set_state(gen.get_state())
-        out.append(c)
-    return out
+        copies.append(torch.Generator())
+        copies[-1].set_state(gen.get_state())
+    return lambda like: torch.stack([torch.randn(like.shape[1:], generator=c) for c in copies]).to(like.dtype)
 
 
 @pytest.mark.parametrize("solver", SOLVER_SPECS)
@@ -691,14 +691,13 @@ def test_every_solver_dps_is_its_own_unguided_step_minus_zeta_g(solver):
     counts = {"graphs": 0, "vjp": 0}
     it = steer.sampler(_counted(den, counts), noise=z, solver=solver, steps=steps, seed=seeds,
                        guidance=g.dps(zeta, operator=lambda v: v @ _A.T, y=y))
-    x, state, gens = it.x, it.solver_state, _generators_copy(it.gens)
+    x, state, noise = it.x, it.solver_state, _noise_from_copies(it.gens)
     worst = 0.0
     for step in it:
-        draw = lambda like: torch.stack([torch.randn(like.shape[1:], generator=c) for c in gens]).to(like.dtype)  # noqa: B023,E731
-        expected, _ = it.solver.step(step.i, x, state, unguided, draw)
+        expected, _ = it.solver.step(step.i, x, state, unguided, noise)
         expected = expected - zeta * _dps_gradient(x, *coef(state["pts"][step.i].t), y)
         worst = max(worst, float((it.x - expected).abs().max()))
-        x, state, gens = it.x, it.solver_state, _generators_copy(it.gens)
+        x, state, noise = it.x, it.solver_state, _noise_from_copies(it.gens)
     assert worst < 1e-9, worst
     assert counts == {"graphs": steps, "vjp": steps}, counts
     plain = steer.sample(den, noise=z, solver=solver, steps=steps, seed=seeds)
