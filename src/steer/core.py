@@ -112,13 +112,14 @@ class Branch:
     """How the loop evaluates a branch: which conditioning, with which perturbation, through which model.
 
     ``grad=True`` evaluates the branch with autograd on, in its own forward pass, from an input that requires
-    grad (``Ctx.inputs[name]``); every other branch runs without a graph."""
+    grad (``Ctx.inputs[name]``), at every evaluation; ``grad="first"`` only at the first evaluation of each solver
+    step (``Ctx.first``; DPS, TFG), elsewhere without a graph like every other branch."""
 
     cond: str = "cond"
     perturbation: Any = None  # a steer.models.hooks.Perturbation
     model: Any = None  # None: the sampled model
     reference: str | None = None  # a branch whose rows the perturbation reads (NAG's negative), same batch
-    grad: bool = False
+    grad: bool | str = False  # False, True or "first"
 
 
 @dataclass
@@ -128,7 +129,9 @@ class Ctx:
     ``state`` is the guidance state of this sampling call, keyed by the method object that owns an entry (APG's
     momentum, Adaptive Guidance's latch): batch-first tensors that ``take`` reindexes with the rest of the
     sampler state. ``evaluate({branch: x})`` runs extra evaluations (counted as NFEs). Gradient guidance reads
-    ``conds`` (the target labels), ``grid`` and ``next`` (the time point the step ends at) and ``noise``."""
+    ``conds`` (the target labels), ``grid`` and ``next`` (the time point the step ends at), ``noise`` and ``first``
+    (whether this is the first evaluation of the solver step, at ``(x_i, grid[step])``), and may ``displace`` the
+    state the step lands on."""
 
     x: torch.Tensor
     point: TimePoint
@@ -142,6 +145,15 @@ class Ctx:
     conds: dict = field(default_factory=dict)  # the conditionings: "cond", "uncond", "negative" (batch-first)
     grid: tuple = ()  # the sampling grid's time points; the current step runs from grid[step] to grid[step + 1]
     noise: Callable | None = None  # noise(like) draws standard normal noise with the sampler's per-item generators
+    first: bool = True  # the first evaluation of the solver step (at x_i and grid[step]); later stages: False
+    shift: torch.Tensor | None = None  # what ``displace`` collected at this evaluation
+
+    def displace(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` to the state the current solver step lands on: the loop adds it after ``solver.step``
+        (after a stochastic solver's noise): ``x_next = S(x) + Δ``. Only at the step's first evaluation."""
+        if not self.first:
+            raise RuntimeError("Ctx.displace: a displacement is computed once per step, at its first evaluation")
+        self.shift = delta if self.shift is None else self.shift + delta
 
     @classmethod
     def at(cls, x: torch.Tensor, path, t: float, step: int = 0, evaluate: Callable | None = None,

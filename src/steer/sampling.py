@@ -1,4 +1,5 @@
-"""The sampling loop: plan branches → one batched evaluation → combine → solver step.
+"""The sampling loop: plan branches → one batched evaluation → combine → solver step (→ + gradient guidance's
+displacement, computed at the step's first evaluation).
 
 ``sampler(...)`` is the open loop, an iterator over steps whose whole state (``x``, the solver's state, the guidance
 state, the conditionings and per-item generators) can be read, replaced and reindexed between steps;
@@ -137,8 +138,9 @@ class Sampler:
             self.guide.reset()
             self.guide.prepare(noise.device)
             if self.guide.needs_renoise and not self.solver.supports_renoise:
-                raise ValueError(f"{self.guide!r} re-noises with its own estimate, which solver {self.solver.name!r} "
-                                 "cannot use; use one of: ddim, ddpm, euler, euler_ancestral, dpmpp_2m")
+                raise ValueError(f"{self.guide!r} re-noises with its own estimate (CFG++'s ε̂_u), which solver "
+                                 f"{self.solver.name!r} cannot use; use one of: ddim, ddpm, euler, euler_ancestral, "
+                                 "dpmpp_2m")
             if self.guide.first_order_only and not (self.solver.order == 1 and self.solver.nfe_per_step == 1):
                 raise ValueError(f"{self.guide!r} amplifies the tangential part of the sampler's update, which it "
                                  "reads from the guided x̂0 only for one-evaluation first-order solvers; solver "
@@ -192,7 +194,10 @@ class Sampler:
                     for r in range(self.recurrence):  # self-recurrence (UGD, TFG): re-noise back to t_i and repeat
                         if r:
                             x = _renoise(x, pts[i + 1], pts[i], self._noise)
+                        ev.first = True
                         x, new_state = self.solver.step(i, x, state, ev.denoise, self._noise)
+                        if ev.shift is not None:  # gradient guidance's displacement (Ctx.displace): S(x) + Δ
+                            x, ev.shift = x + ev.shift, None
                     self.solver_state = new_state
                     ev.records.append(("solver", x))
                     unchecked.append((i, ev.records))
@@ -249,6 +254,8 @@ class _Evaluator:
         self.model, self.guide, self.path, self.conds, self.batch = model, guide, path, conds, batch
         self.nfe = self.passes = self.step = 0
         self.first_x0 = None
+        self.first = True  # the next evaluation is the first of its solver step
+        self.shift: torch.Tensor | None = None  # the step's displacement (Ctx.displace), added after solver.step
         self.gstate: dict = {}  # the guidance state (APG momentum, Adaptive latch), keyed by its owner
         self.raw: dict = {}  # id(x0 of a branch) -> the model output it came from (methods in the model's own space)
         self.inputs: dict = {}  # grad branches: name -> input leaf
@@ -312,8 +319,9 @@ class _Evaluator:
         self.records.append((("model", self.step, p.sigma_bar, names), out.detach()))  # no graph kept past the step
         return out
 
-    def evaluate(self, xs: dict[str, torch.Tensor], p: TimePoint) -> dict[str, torch.Tensor]:
-        """x0 predictions of the branches in ``xs`` (each with its own state), one forward pass per network."""
+    def evaluate(self, xs: dict[str, torch.Tensor], p: TimePoint, first: bool = False) -> dict[str, torch.Tensor]:
+        """x0 predictions of the branches in ``xs`` (each with its own state), one forward pass per network;
+        ``first``: this is the first evaluation of a solver step (``Branch(grad="first")`` runs with autograd)."""
         spec = lambda n: self.specs.get(n, Branch(n))  # noqa: E731
         groups: dict[tuple, list[str]] = {}
         for n in xs:
@@ -321,7 +329,8 @@ class _Evaluator:
                 hint = " (this model has no null_cond)" if spec(n).cond == "uncond" else ""
                 raise ValueError(f"{self.guide!r} needs the {spec(n).cond!r} conditioning: pass {spec(n).cond}= to "
                                  f"sample(){hint}")
-            groups.setdefault((id(spec(n).model), spec(n).grad), []).append(n)
+            grad = spec(n).grad is True or (spec(n).grad == "first" and first)
+            groups.setdefault((id(spec(n).model), grad), []).append(n)
         result: dict[str, torch.Tensor] = {}
         b = self.batch
         for (_, grad), names in groups.items():
@@ -349,6 +358,7 @@ class _Evaluator:
     def denoise(self, x: torch.Tensor, t: float) -> Denoised:
         """What a solver calls: the (guided) x0 at ``(x, t)``."""
         p = self.pts.get(t) or self.point(t)
+        first, self.first = self.first, False
         if self.guide is None:  # fast path: one branch; an ε-model's own ε̂ is passed on (it is (x − α x̂0)/σ)
             out = self._forward(self.model, x, p, self.conds["cond"], ("cond",))
             self.nfe += 1
@@ -356,15 +366,20 @@ class _Evaluator:
         else:
             self.raw.clear()
             self.inputs.clear()
-            ctx = Ctx(x, p, self.step, self.path, lambda xs: self.evaluate(xs, p), self.model.prediction, self.raw,
-                      self.gstate, self.inputs, self.conds, self.grid, self.noise)
+            ctx = Ctx(x, p, self.step, self.path, lambda xs: self.evaluate(xs, p, first), self.model.prediction,
+                      self.raw, self.gstate, self.inputs, self.conds, self.grid, self.noise, first)
             names = self.guide.branches(ctx)
-            preds = self.evaluate({n: x for n in names}, p) if names else {}
+            preds = self.evaluate({n: x for n in names}, p, first) if names else {}
             with torch.enable_grad() if self.inputs else contextlib.nullcontext():  # a grad branch's graph goes on
                 res = self.guide.combine(preds, ctx)
+            self.raw.clear()  # the grad branch's graph is freed with the evaluation, not kept to the next one
+            self.inputs.clear()
             d = res if isinstance(res, Denoised) else Denoised(res)
             d = Denoised(*(None if v is None else v.detach().to(x.dtype) for v in (d.x0, d.eps, d.x0_hist)))
             self.record(("guidance", self.step, p.sigma_bar), d.x0)
+            if ctx.shift is not None:
+                self.shift = ctx.shift.detach().to(x.dtype)
+                self.record(("guidance", self.step, p.sigma_bar), self.shift)
         if self.first_x0 is None:
             self.first_x0 = d.x0
         return d

@@ -535,6 +535,9 @@ class UniPC(Solver):
     ``D_k = (m_k − m_0)/r_k``, ρ from ``R ρ = b`` (see ``_unipc_coefs``). Defaults from diffusers and the paper:
     order 2, ``variant="bh2"`` (``B(h) = e^{−h} − 1``; "bh1" is ``B(h) = −h``). Order p + 1 with the corrector;
     the order used at a step is limited by the usable history. 1 NFE per step.
+    UniC corrects the state the step receives, ``x_t + (x_t^c − x_t^p)``: equal to the reference's ``x_t^c`` when
+    the state is the predictor's ``x_t^p``, and a change made to it between steps (a guidance displacement,
+    ``it.x = ...``) is kept rather than overwritten.
     """
 
     name, order = "unipc", 2
@@ -553,7 +556,7 @@ class UniPC(Solver):
         return {"order": self.p, "variant": self.variant, "corrector": self.corrector}
 
     def init(self, path, grid):
-        # hist: up to `order` (λ, m); last: (x_s, time point, order used) of the previous predictor step
+        # hist: up to `order` (λ, m); last: (x_s, time point, order used, x_t^p) of the previous predictor step
         return {**super().init(path, grid), "hist": (), "last": None}
 
     def step(self, i, x, state, denoise, noise):
@@ -561,30 +564,33 @@ class UniPC(Solver):
         d = denoise(x, p.t)
         m_new, hist = d.x0, state["hist"]
         if state["last"] is not None and self.corrector:  # UniC: correct x_s with the evaluation just made
-            x_prev, pp, order = state["last"]
+            x_prev, pp, order, x_pred = state["last"]
             h = _h(pp, p)
             if math.isfinite(h):
                 rks, Ds = _diffs(hist[-order:], h)
                 h_phi_1, B, rhos = _unipc_coefs(rks, h, self.variant, corrector=True)
                 m0 = hist[-1][1]
                 corr = sum(rho * dk for rho, dk in zip(rhos[:-1], Ds))
-                x = ((p.sigma / pp.sigma) * x_prev - p.alpha * h_phi_1 * m0
-                     - p.alpha * B * (corr + rhos[-1] * (m_new - m0)))
+                x_c = ((p.sigma / pp.sigma) * x_prev - p.alpha * h_phi_1 * m0
+                       - p.alpha * B * (corr + rhos[-1] * (m_new - m0)))
+                x = x_c + (x - x_pred)  # exactly x_c when x is the predictor's state
         hist = (*hist, (p.lam, m_new))[-self.p:]
         h = _h(p, q)
         usable = 1
         while usable < len(hist) and math.isfinite(hist[-1 - usable][0]):
             usable += 1
         order = min(self.p, usable) if math.isfinite(h) else 1
-        state = {**state, "hist": hist, "last": (x, p, order)}
         if order == 1:  # DPM-Solver-1; no B(h) term (B = −∞ for bh1 on a step to σ = 0)
             if d.eps is not None:
-                return q.alpha * m_new + q.sigma * d.eps, state
-            return (q.sigma / p.sigma) * x - q.alpha * math.expm1(-h) * m_new, state
-        rks, Ds = _diffs(hist[-order:], h)  # UniP
-        h_phi_1, B, rhos = _unipc_coefs(rks, h, self.variant, corrector=False)
-        pred = sum(rho * dk for rho, dk in zip(rhos, Ds))
-        return (q.sigma / p.sigma) * x - q.alpha * h_phi_1 * m_new - q.alpha * B * pred, state
+                out = q.alpha * m_new + q.sigma * d.eps
+            else:
+                out = (q.sigma / p.sigma) * x - q.alpha * math.expm1(-h) * m_new
+        else:
+            rks, Ds = _diffs(hist[-order:], h)  # UniP
+            h_phi_1, B, rhos = _unipc_coefs(rks, h, self.variant, corrector=False)
+            pred = sum(rho * dk for rho, dk in zip(rhos, Ds))
+            out = (q.sigma / p.sigma) * x - q.alpha * h_phi_1 * m_new - q.alpha * B * pred
+        return out, {**state, "hist": hist, "last": (x, p, order, out)}
 
 
 def _diffs(hist: list, h: float):

@@ -17,6 +17,7 @@ is inactive; inactive terms request no branch, so the unconditional pass is skip
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -196,9 +197,9 @@ class OutputModifier(Guidance):
 
 class Corrector(Guidance):
     """Gradient guidance (classifier, DPS, universal, TFG, FlowChef): moves the guided prediction after the terms and
-    output modifiers, ``correct(d, preds, ctx) -> Denoised``. A correction that keeps ``ε̂`` fixed while moving x̂0
-    (DPS, TFG, FlowChef) moves the state the step lands on, so it sets ``needs_renoise`` and runs with the solvers
-    that honour a separate noise estimate. Alone, the base is the conditional prediction."""
+    output modifiers, ``correct(d, preds, ctx) -> Denoised``. A correction that moves the state the step lands on
+    (DPS, TFG, FlowChef) computes it at the step's first evaluation (``ctx.first``) and hands it to the loop with
+    ``ctx.displace``, so it runs with every solver. Alone, the base is the conditional prediction."""
 
     base = "cond"
 
@@ -256,7 +257,10 @@ class Stack(Guidance):
     def branch_specs(self):
         out = {}
         for p in self.parts:
-            out.update(p.branch_specs())
+            for name, spec in p.branch_specs().items():
+                if name in out and out[name].grad is True and spec.grad == "first":
+                    spec = dataclasses.replace(spec, grad=True)  # a part needs its graph at every evaluation
+                out[name] = spec
         return out
 
     def skip_all(self, ctx):

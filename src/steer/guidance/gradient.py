@@ -1,18 +1,25 @@
 """Gradient guidance: classifier guidance, DPS, universal guidance, TFG and FlowChef.
 
-Each is a ``Corrector``: after the terms of a stack (``cfg(3) + classifier(2, classifier=...)``) it moves the guided
-prediction ``d = (x̂0, ε̂)`` at ``(x_t, t)``. Two kinds of move, in the notation ``x_t = α x0 + σ ε``:
+Each is a ``Corrector``: after the terms of a stack (``cfg(3) + classifier(2, classifier=...)``) it acts on the
+guided prediction ``d = (x̂0, ε̂)`` at ``(x_t, t)``, with every solver. Two kinds of action, in the notation
+``x_t = α x0 + σ ε``:
 
-- a **score shift** by ``g`` (classifier guidance, universal guidance's forward step): ``x̂0 += (σ²/α) g``,
-  ``ε̂ −= σ g``, consistent with ``x_t``, so every solver takes it (Dhariwal & Nichol's DDIM form, ``ε̂ − σ g``);
-- a move of **x̂0 with ε̂ held** (DPS, TFG, FlowChef's state move): a DDIM/DDPM/Euler step
-  ``x_next = α_next x̂0 + … ε̂`` then moves by ``α_next Δx̂0`` whatever its η, which is how the papers add their
-  displacement to ``x_{t−1}``. These set ``needs_renoise`` and run with the solvers that honour a separate noise
-  estimate (ddim, ddpm, euler, euler_ancestral, dpmpp_2m).
+- a **score shift** by ``g`` (classifier guidance, universal guidance's forward step), at every evaluation:
+  ``x̂0 += (σ²/α) g``, ``ε̂ −= σ g``, consistent with ``x_t`` (Dhariwal & Nichol's DDIM form, ``ε̂ − σ g``);
+- a **state displacement** Δ (DPS, TFG, FlowChef), the papers' ``x_{i−1} = S(x_i) + Δ``: computed once per solver
+  step, at its first evaluation (at ``x_i`` and the grid time ``t_i``, which is where the papers differentiate),
+  and added by the loop to the state the step lands on (``Ctx.displace``), after a stochastic solver's noise. The
+  solver takes its ordinary step with the unmodified prediction (clipped where the method clips), so a multi-stage
+  step (heun, midpoint, restart, …) evaluates its later stages without a graph and without guidance, and the
+  displacement does not enter a multistep solver's x̂0 history (dpmpp_2m/3m, unipc, deis extrapolate the denoiser's
+  own predictions; the state they continue from carries Δ, and UniPC's corrector keeps it). On a DDIM-type step
+  (ddim, ddpm, euler, euler_ancestral) this is the same as moving x̂0 by ``Δ/α_next`` with ε̂ held, the form the
+  papers write. Nothing of it survives a step (``Sampler.resample`` has nothing to reindex).
 
 Gradients through the denoiser come from the open loop's gradient branch: the conditional prediction is evaluated
 with autograd on, from a leaf ``ctx.inputs["cond"]`` (one activation graph per evaluation, freed when the
-evaluation ends; every other branch has none). In a stack with CFG the gradient goes through the conditional
+evaluation ends; DPS and TFG build it at the first evaluation of a step only, universal guidance at every one;
+every other branch has none). In a stack with CFG the gradient goes through the conditional
 prediction alone (through the guided one it would need the unconditional branch's graph too); the conditional
 branch then runs in a pass of its own, the unconditional one without a graph. Gradients of a loss on x̂0 alone
 (classifier, FlowChef, TFG's and universal's x0 steps) need no graph of the network. Losses are per sample and
@@ -36,7 +43,7 @@ from ..core import Branch, Ctx, Denoised
 from .core import Corrector, check_choice, register
 
 __all__ = ["Classifier", "DPS", "Universal", "TFG", "FlowChef", "classifier", "dps", "universal", "tfg", "flowchef",
-           "score_shift", "hold_eps"]
+           "score_shift"]
 
 
 def _sum(v: torch.Tensor) -> torch.Tensor:
@@ -57,14 +64,6 @@ def score_shift(d: Denoised, g: torch.Tensor, ctx: Ctx) -> Denoised:
         return d
     g = g.to(d.x0.dtype)
     return Denoised(d.x0 + (s * s / a) * g, None if d.eps is None else d.eps - s * g, d.x0_hist)
-
-
-def hold_eps(d: Denoised, dx0: torch.Tensor, ctx: Ctx, deps: torch.Tensor | None = None) -> Denoised:
-    """``d`` with x̂0 moved by ``dx0`` and ε̂ kept (moved by ``deps`` if given): a DDIM-type step's ``x_next`` moves by
-    ``α_next dx0 + σ_next deps``."""
-    eps = d.eps if d.eps is not None else ctx.point.eps(ctx.x, d.x0)
-    eps = eps if deps is None else eps + deps.to(eps.dtype)
-    return Denoised(d.x0 + dx0.to(d.x0.dtype), eps, None)
 
 
 def _leaf(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +112,7 @@ def _clip(x0: torch.Tensor, clip: bool) -> torch.Tensor:
 
 def _need_next(method: str, ctx: Ctx):
     if ctx.next is None:
-        raise ValueError(f"{method} adds its step to the state the step ends at: call it from steer.sample / "
+        raise ValueError(f"{method} needs the time point its step ends at: call it from steer.sample / "
                          "steer.sampler (or give Ctx a grid)")
     return ctx.next
 
@@ -190,10 +189,13 @@ class Classifier(Corrector):
 
 
 class _NetworkGradient(Corrector):
-    """A corrector that differentiates through the conditional prediction (its branch runs with autograd on)."""
+    """A corrector that differentiates through the conditional prediction (its branch runs with autograd on, at
+    every evaluation, or with ``grad = "first"`` at the first evaluation of each solver step)."""
+
+    grad: bool | str = True
 
     def branch_specs(self):
-        return {"cond": Branch("cond", grad=True)}
+        return {"cond": Branch("cond", grad=self.grad)}
 
     def x0_graph(self, preds, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """The conditional x̂0 with its graph, and the leaf x_t it was computed from."""
@@ -208,34 +210,35 @@ class DPS(_NetworkGradient):
     """DPS: diffusion posterior sampling (Chung et al., ICLR 2023, Diffusion Posterior Sampling for General Noisy
     Inverse Problems, arXiv 2209.14687).
 
-    ``x_{i−1} = S(x_i, x̂0) − ζ ∇_{x_i} ‖y − A(x̂0(x_i))‖`` with S the sampler's step (the paper's ancestral DDPM step;
-    any DDIM-type step here) and the norm **per sample** (the reference code takes one norm of the whole batch's
+    ``x_{i−1} = S(x_i, x̂0) − ζ ∇_{x_i} ‖y − A(x̂0(x_i))‖`` with S the sampler's step (the paper's ancestral DDPM
+    step; any solver here) and the norm **per sample** (the reference code takes one norm of the whole batch's
     residual, which couples the samples of a batch: a recorded deviation). The reference's ζ multiplies the gradient
     of the unsquared norm; the paper's ``ζ'/‖r‖ · ∇‖r‖²`` is the same with ζ = 2ζ'. Space: x_t, through the
-    denoiser (a VJP). Implemented as x̂0 moved by ``−ζ g / α_next`` with ε̂ held, so the state the step lands on moves
-    by exactly ``−ζ g``. ``clip=True`` clamps x̂0 to [−1, 1] for the step and the loss (the reference's
-    clip_denoised for images). Cost: 1 NFE + 1 VJP per evaluation, one activation graph.
+    denoiser (a VJP). The displacement ``−ζ g`` is computed at the step's first evaluation (x_i, t_i) and added to
+    the state the step lands on, after the noise (see the module docstring); S steps with the unmodified x̂0, which
+    is also what a multistep solver keeps in its history. ``clip=True`` clamps x̂0 to [−1, 1] for the step (every
+    evaluation) and the loss (the reference's clip_denoised for images). Cost: 1 VJP per step (not per
+    evaluation) on top of the solver's NFE; one activation graph per step.
     Defaults: ζ = 1.0 (the reference configs: 0.3 for super-resolution and deblurring, 0.5 for random inpainting,
     1.0 for phase retrieval, all at 1000 DDPM steps; fewer steps need larger ζ).
     """
 
     name = "dps"
-    needs_renoise = True
+    grad = "first"
 
     def __init__(self, zeta: float = 1.0, operator=None, y: torch.Tensor | list | None = None, clip: bool = False):
         _, self.operator, self.y = _objective("dps", None, operator, y)
         self.zeta, self.clip = float(zeta), clip
 
     def correct(self, d, preds, ctx):
-        q = _need_next("dps", ctx)
-        if self.zeta == 0:
+        d = Denoised(_clip(d.x0, self.clip), d.eps, d.x0_hist)
+        if self.zeta == 0 or not ctx.first:
             return d
         x0, leaf = self.x0_graph(preds, ctx)
         r = _residual(self.operator, self.y, _clip(x0, self.clip))
         norm = torch.linalg.vector_norm(r.float().flatten(1) if r.dtype != torch.float64 else r.flatten(1), dim=1)
-        g = _grad(norm.sum(), leaf)
-        base = Denoised(_clip(d.x0, self.clip), d.eps, d.x0_hist)
-        return hold_eps(base, (-self.zeta / q.alpha) * g, ctx)
+        ctx.displace(-self.zeta * _grad(norm.sum(), leaf))
+        return d
 
     def options(self):
         return {"zeta": self.zeta, "operator": _shown(self.operator), "clip": self.clip}
@@ -323,16 +326,19 @@ class TFG(_NetworkGradient):
     ``δ_i`` drawn once per step, ``γ_t = γ sqrt(1 − ᾱ_t)``, generally ``γ σ/sqrt(α² + σ²)``), one step at t:
     mean guidance ``Δ_t = ρ_t ∇_{x_t} L̃(x̂0(x_t))`` (through the denoiser), variance guidance ``Δ_0`` from
     ``iterations`` steps ``Δ_0 += μ_t ∇_{x0} L̃(x̂0 + Δ_0)`` (no network), and
-    ``x_{t−1} = DDIM(x_t, x̂0) + Δ_t/sqrt(a_t) + sqrt(ᾱ_{t−1}) Δ_0``, here x̂0 moved by ``Δ_t/α_t + Δ_0`` with ε̂
-    held (exactly that on VP). ``recurrence`` repeats each step, re-noised in between. ``ρ_t, μ_t`` follow
-    ``schedule`` ("increase": ∝ a_t; mean 1 over the grid's steps). ``clip=True`` (the reference default) clamps
-    x̂0 to [−1, 1]. Space: x_t (mean) and x0 (variance). Cost per step: recurrence × (1 NFE + 1 VJP +
-    n f-evaluations + iterations × n f forward/backward); one activation graph.
+    ``x_{t−1} = DDIM(x_t, x̂0) + Δ_t/sqrt(a_t) + sqrt(ᾱ_{t−1}) Δ_0``; with any solver S here,
+    ``x_next = S(x_t, x̂0) + α_next (Δ_t/α_t + Δ_0)`` (exactly the paper's terms on VP, ``α_next/α_t = 1/sqrt(a_t)``),
+    the displacement computed at the step's first evaluation and added to the state the step lands on (see the
+    module docstring; S steps with the clipped, unmoved x̂0). ``recurrence`` repeats each step, re-noised in
+    between, each repeat with its own displacement. ``ρ_t, μ_t`` follow ``schedule`` ("increase": ∝ a_t; mean 1
+    over the grid's steps). ``clip=True`` (the reference default) clamps x̂0 to [−1, 1] (every evaluation). Space:
+    x_t (mean) and x0 (variance). Cost per step: recurrence × (the solver's NFE + 1 VJP + n f-evaluations +
+    iterations × n f forward/backward); one activation graph.
     Defaults: ρ = 1, μ = 1, γ = 0.01, n = 4, recurrence = 1, iterations = 1, clip = True (utils/configs.py).
     """
 
     name = "tfg"
-    needs_renoise = True
+    grad = "first"
 
     def __init__(self, rho: float = 1.0, mu: float = 1.0, gamma: float = 0.01, recurrence: int = 1,
                  iterations: int = 1, loss=None, operator=None, y: torch.Tensor | list | None = None, n_mc: int = 4,
@@ -368,15 +374,18 @@ class TFG(_NetworkGradient):
         return self.rho * w, self.mu * w
 
     def correct(self, d, preds, ctx):
-        _need_next("tfg", ctx)
+        q = _need_next("tfg", ctx)
+        x0c = _clip(d.x0, self.clip)
+        d = Denoised(x0c, d.eps, d.x0_hist)
+        if not ctx.first:
+            return d
         rho, mu = self.steps(ctx)
         p = ctx.point
         gamma = self.gamma * p.sigma / math.hypot(p.alpha, p.sigma)
         delta = None
         if gamma > 0:
             draw = ctx.noise or torch.randn_like
-            delta = gamma * torch.stack([draw(d.x0) for _ in range(self.n_mc)])
-        x0c = _clip(d.x0, self.clip)
+            delta = gamma * torch.stack([draw(x0c) for _ in range(self.n_mc)])
         dx0 = torch.zeros_like(x0c)
         if rho != 0 and p.alpha != 0:
             x0g, leaf = self.x0_graph(preds, ctx)
@@ -388,7 +397,8 @@ class TFG(_NetworkGradient):
                     z = _leaf(new)
                     new = new + mu * _grad(self.smoothed(z, delta).sum(), z)
             dx0 = dx0 + (new - x0c.detach())
-        return hold_eps(Denoised(x0c, d.eps, d.x0_hist), dx0, ctx)
+        ctx.displace(q.alpha * dx0)
+        return d
 
     def reset(self):
         self._weights = None
@@ -405,16 +415,17 @@ class FlowChef(Corrector):
 
     Gradient skipping on a rectified flow (``α = 1 − t``, ``σ = t``): with the velocity û held fixed,
     ``x̂0(x) = x − t û`` so ``∇_{x_t} ℓ(x̂0) = ∇_{x̂0} ℓ``; the state moves ``x_t ← x_t − s ∇_{x̂0} ℓ(x̂0)`` and the
-    step is taken with the same, un-recomputed û (x̂0 and ε̂ = x + (1 − t) û both move by the same amount).
-    No step on the last interval (the reference skips it). The loss with ``operator=``/``y=`` is the per-sample
-    mean squared residual ``mean((A(x̂0) − y)²)`` (the reference averages over the batch as well, so its gradient
-    shrinks as 1/batch: a recorded deviation). Space: x_t (= x0 gradient). Cost: 1 NFE + 1 loss forward/backward,
-    no backward through the network (memory at inference level). Default s = 100 (the reference's argparse
-    default; its inverse-problem script passes 500).
+    step is taken with the same, un-recomputed û: ``x_next = S(x_t) − s ∇_{x̂0} ℓ``. With any solver S here, that
+    displacement is computed at the step's first evaluation and added to the state the step lands on (see the
+    module docstring): on Euler (the paper's sampler) exactly ``x_t − s∇ + (t' − t) û``; a stochastic solver adds
+    it after its noise. No step on the last interval (the reference skips it). The loss with ``operator=``/``y=``
+    is the per-sample mean squared residual ``mean((A(x̂0) − y)²)`` (the reference averages over the batch as well,
+    so its gradient shrinks as 1/batch: a recorded deviation). Space: x_t (= x0 gradient). Cost: the solver's NFE +
+    1 loss forward/backward per step, no backward through the network (memory at inference level). Default
+    s = 100 (the reference's argparse default; its inverse-problem script passes 500).
     """
 
     name = "flowchef"
-    needs_renoise = True
 
     def __init__(self, scale: float = 100.0, loss=None, operator=None, y: torch.Tensor | list | None = None):
         self.loss, self.operator, self.y = _objective("flowchef", loss, operator, y)
@@ -432,12 +443,12 @@ class FlowChef(Corrector):
         if getattr(path, "kind", None) != "flow":
             raise ValueError(f"flowchef steers rectified-flow models (path 'flow', alpha = 1 - t, sigma = t); this "
                              f"model is on path {path.name!r}: use dps or tfg instead")
-        if q.sigma == 0 or self.scale == 0:
+        if q.sigma == 0 or self.scale == 0 or not ctx.first:
             return d
         with torch.enable_grad():
             z = _leaf(d.x0)
-            move = -self.scale * _grad(self.losses(z).sum(), z)
-        return hold_eps(d, move, ctx, deps=move)
+            ctx.displace(-self.scale * _grad(self.losses(z).sum(), z))
+        return d
 
     def options(self):
         return {"scale": self.scale, "loss": self.loss, "operator": _shown(self.operator)}
@@ -458,7 +469,7 @@ def classifier(scale: float = 1.0, classifier: Callable | str | None = None, lab
 
 @register("dps", family="gradient",
           paper="Chung et al. 2023, Diffusion Posterior Sampling for General Noisy Inverse Problems",
-          arxiv="2209.14687", space="x_t (through the denoiser)", extra_nfe="0 (+1 VJP)",
+          arxiv="2209.14687", space="x_t (through the denoiser)", extra_nfe="0 (+1 VJP per step)",
           defaults_source="ζ = 1.0: the reference configs use 0.3-1.0 at 1000 DDPM steps",
           notes="per-sample residual norms (the reference code's norm couples the batch)")
 def dps(zeta: float = 1.0, operator=None, y: torch.Tensor | list | None = None, clip: bool = False) -> DPS:
@@ -477,7 +488,7 @@ def universal(forward_scale: float = 5.0, backward_steps: int = 0, recurrence: i
 
 @register("tfg", family="gradient",
           paper="Ye et al. 2024, TFG: Unified Training-Free Guidance for Diffusion Models", arxiv="2409.15761",
-          space="x_t (mean) and x0 (variance)", extra_nfe="k−1 with recurrence k (and 1 VJP per evaluation)",
+          space="x_t (mean) and x0 (variance)", extra_nfe="k−1 steps with recurrence k (and 1 VJP per step)",
           defaults_source="ρ = μ = 1, γ = 0.01, n = 4, recurrence = iterations = 1: utils/configs.py")
 def tfg(rho: float = 1.0, mu: float = 1.0, gamma: float = 0.01, recurrence: int = 1, iterations: int = 1,
         loss=None, operator=None, y: torch.Tensor | list | None = None, n_mc: int = 4, schedule: str = "increase",
