@@ -916,17 +916,28 @@ def test_the_displacement_equals_the_held_eps_form_on_ddim_type_solvers(solver):
 
 @pytest.mark.parametrize("solver", [n for n in SOLVER_SPECS if not steer.get_solver(n).stochastic])
 def test_resample_with_dps_equals_sampling_the_reordered_noise(solver):
-    """DPS on every deterministic solver: resampling rows [2, 0, 2, 3] after step 3 of 6 and finishing equals
-    sampling the reordered noise from the start (the displacement leaves no state between steps; the multistep
-    history and UniPC's corrector state follow their rows)."""
+    """DPS with one measurement per row on every deterministic solver: resampling rows [2, 0, 2, 3] after step 3
+    of 6 and finishing equals sampling the reordered noise with the reordered measurements from the start (the
+    displacement leaves no state between steps; the multistep history, UniPC's corrector state and each row's
+    measurement follow their rows)."""
     mix = toy(dim=2)
     den = mix.denoiser("vp-linear", "eps")
     z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=D64)
+    y = torch.tensor([[0.5], [-0.3], [0.9], [0.1]], dtype=D64)
     idx = torch.tensor([2, 0, 2, 3])
-    dps = g.dps(0.3, operator=lambda v: v[:, :1], y=torch.tensor([[0.5]], dtype=D64))
-    it = steer.sampler(den, noise=z, solver=solver, steps=6, guidance=dps)
+    first = lambda v: v[:, :1]  # noqa: E731
+    it = steer.sampler(den, noise=z, solver=solver, steps=6, guidance=g.dps(0.3, operator=first, y=y))
     for step in it:
         if step.i == 2:
             it.resample(idx)
-    ref = steer.sample(den, noise=z[idx], solver=solver, steps=6, guidance=dps)
+    ref = steer.sample(den, noise=z[idx], solver=solver, steps=6, guidance=g.dps(0.3, operator=first, y=y[idx]))
     assert torch.allclose(it.x, ref, atol=1e-10), (it.x - ref).abs().max()
+    shuffled = steer.sample(den, noise=z[idx], solver=solver, steps=6, guidance=g.dps(0.3, operator=first, y=y))
+    assert (shuffled - ref).abs().max() > 1e-3  # the measurements matter: with y not reordered the rows differ
+
+
+def test_measurement_of_the_wrong_batch_is_refused():
+    den = toy(dim=2).denoiser("vp-linear", "eps")
+    with pytest.raises(ValueError, match=r"dps: y of shape \(3, 1\) does not match the operator's output \(4, 1\)"):
+        steer.sample(den, noise=torch.zeros(4, 2), steps=3, solver="ddim",
+                     guidance=g.dps(0.3, operator=lambda v: v[:, :1], y=torch.zeros(3, 1)))

@@ -27,8 +27,9 @@ reduced in float32 or better; the gradient of their sum is each sample's own gra
 unlike the DPS reference code).
 
 Objectives: ``operator=`` and ``y=`` (``steer.operators``, or its spec string; y a tensor, batch-first or
-broadcastable, or a nested list, which a spec string can hold) give the measurement
-residual ``r = y − A(x̂0)``; ``loss=`` is any callable ``x0 -> [B]`` per-sample loss (lower is better).
+broadcastable, or a nested list, which a spec string can hold) give the measurement residual ``r = y − A(x̂0)``;
+one measurement per row is part of the sampler's state (``resample`` takes it along); ``loss=`` is any callable
+``x0 -> [B]`` per-sample loss (lower is better).
 """
 
 from __future__ import annotations
@@ -99,6 +100,24 @@ def _objective(method: str, loss, operator, y):
 def _residual(operator, y: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     ax = operator(x0)
     return y.to(device=ax.device, dtype=ax.dtype) - ax
+
+
+def _measurement(g, ctx: Ctx, x0: torch.Tensor) -> torch.Tensor | None:
+    """``g.y`` with one row per sample, kept in the guidance state (``ctx.state``), so that resampling the sampler's
+    rows takes each row's measurement along; None with ``loss=``."""
+    if g.y is None:
+        return None
+    y = ctx.state.get((g, "y"))
+    if y is None:
+        shape = g.operator(x0.detach()).shape
+        try:
+            y = torch.broadcast_to(g.y.to(x0.device), shape)
+        except RuntimeError:
+            raise ValueError(f"{g.name}: y of shape {tuple(g.y.shape)} does not match the operator's output "
+                             f"{tuple(shape)} for a batch of {shape[0]}: give one row per sample or a broadcastable "
+                             "measurement") from None
+        ctx.state[(g, "y")] = y
+    return y
 
 
 def _shown(operator):
@@ -235,7 +254,7 @@ class DPS(_NetworkGradient):
         if self.zeta == 0 or not ctx.first:
             return d
         x0, leaf = self.x0_graph(preds, ctx)
-        r = _residual(self.operator, self.y, _clip(x0, self.clip))
+        r = _residual(self.operator, _measurement(self, ctx, x0), _clip(x0, self.clip))
         norm = torch.linalg.vector_norm(r.float().flatten(1) if r.dtype != torch.float64 else r.flatten(1), dim=1)
         ctx.displace(-self.zeta * _grad(norm.sum(), leaf))
         return d
@@ -270,20 +289,21 @@ class Universal(_NetworkGradient):
         self.forward_scale, self.backward_steps, self.recurrence = float(forward_scale), backward_steps, recurrence
         self.lr, self.cutoff, self.clip = float(lr), float(cutoff), clip
 
-    def losses(self, x0: torch.Tensor) -> torch.Tensor:
+    def losses(self, x0: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.loss is not None:
             return self.loss(x0)
-        return _sq(_residual(self.operator, self.y, x0))
+        return _sq(_residual(self.operator, y, x0))
 
     def correct(self, d, preds, ctx):
+        y = _measurement(self, ctx, d.x0)
         if self.forward_scale != 0 and ctx.point.alpha != 0:
             x0, leaf = self.x0_graph(preds, ctx)
-            d = score_shift(d, -self.forward_scale * _grad(self.losses(x0).sum(), leaf), ctx)
+            d = score_shift(d, -self.forward_scale * _grad(self.losses(x0, y).sum(), leaf), ctx)
         if self.backward_steps:
-            d = Denoised(self.backward(d.x0.detach()), None, d.x0_hist)
+            d = Denoised(self.backward(d.x0.detach(), y), None, d.x0_hist)
         return d
 
-    def backward(self, x0: torch.Tensor) -> torch.Tensor:
+    def backward(self, x0: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Adam (β = 0.9, 0.999, ε = 1e−8, as torch.optim.Adam) on ``ℓ(x0)``, elementwise, so per sample; a sample
         whose loss is below ``cutoff`` keeps its value for that iteration (its moments still update, as in the
         reference, which reverts the sample after the optimiser's step)."""
@@ -294,7 +314,7 @@ class Universal(_NetworkGradient):
             z = _clip(z, self.clip)
             with torch.enable_grad():
                 leaf = _leaf(z)
-                loss = self.losses(leaf)
+                loss = self.losses(leaf, y)
                 grad = _grad(loss.sum(), leaf)
             active = (loss.detach() >= self.cutoff).view(-1, *[1] * (z.ndim - 1))
             m = 0.9 * m + 0.1 * grad
@@ -353,16 +373,16 @@ class TFG(_NetworkGradient):
                                                                                   schedule, clip)
         self._weights: tuple | None = None
 
-    def log_f(self, x0: torch.Tensor) -> torch.Tensor:
+    def log_f(self, x0: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.loss is not None:
             return -self.loss(x0)
-        return -_sq(_residual(self.operator, self.y, x0))
+        return -_sq(_residual(self.operator, y, x0))
 
-    def smoothed(self, x0: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    def smoothed(self, x0: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
         """``L̃(x0)`` per sample: the log-mean-exp of log f over the n perturbed copies."""
         if delta is None:
-            return self.log_f(x0)
-        lf = torch.stack([self.log_f(x0 + d) for d in delta])
+            return self.log_f(x0, y)
+        lf = torch.stack([self.log_f(x0 + d, y) for d in delta])
         return torch.logsumexp(lf, dim=0) - math.log(len(delta))
 
     def steps(self, ctx: Ctx) -> tuple[float, float]:
@@ -380,6 +400,7 @@ class TFG(_NetworkGradient):
         if not ctx.first:
             return d
         rho, mu = self.steps(ctx)
+        y = _measurement(self, ctx, x0c)
         p = ctx.point
         gamma = self.gamma * p.sigma / math.hypot(p.alpha, p.sigma)
         delta = None
@@ -389,13 +410,13 @@ class TFG(_NetworkGradient):
         dx0 = torch.zeros_like(x0c)
         if rho != 0 and p.alpha != 0:
             x0g, leaf = self.x0_graph(preds, ctx)
-            dx0 = dx0 + (rho / p.alpha) * _grad(self.smoothed(_clip(x0g, self.clip), delta).sum(), leaf)
+            dx0 = dx0 + (rho / p.alpha) * _grad(self.smoothed(_clip(x0g, self.clip), delta, y).sum(), leaf)
         if mu != 0 and self.iterations:
             with torch.enable_grad():
                 new = x0c.detach()
                 for _ in range(self.iterations):
                     z = _leaf(new)
-                    new = new + mu * _grad(self.smoothed(z, delta).sum(), z)
+                    new = new + mu * _grad(self.smoothed(z, delta, y).sum(), z)
             dx0 = dx0 + (new - x0c.detach())
         ctx.displace(q.alpha * dx0)
         return d
@@ -431,10 +452,10 @@ class FlowChef(Corrector):
         self.loss, self.operator, self.y = _objective("flowchef", loss, operator, y)
         self.scale = float(scale)
 
-    def losses(self, x0):
+    def losses(self, x0, y: torch.Tensor | None):
         if self.loss is not None:
             return self.loss(x0)
-        r = _residual(self.operator, self.y, x0)
+        r = _residual(self.operator, y, x0)
         return _sq(r) / r[0].numel()
 
     def correct(self, d, preds, ctx):
@@ -445,9 +466,10 @@ class FlowChef(Corrector):
                              f"model is on path {path.name!r}: use dps or tfg instead")
         if q.sigma == 0 or self.scale == 0 or not ctx.first:
             return d
+        y = _measurement(self, ctx, d.x0)
         with torch.enable_grad():
             z = _leaf(d.x0)
-            ctx.displace(-self.scale * _grad(self.losses(z).sum(), z))
+            ctx.displace(-self.scale * _grad(self.losses(z, y).sum(), z))
         return d
 
     def options(self):
