@@ -851,10 +851,7 @@ def test_dps_with_a_second_order_solver_against_the_exact_posterior():
     """The linear-Gaussian inverse problem of the DDPM test above (ζ = 0.2, 400 samples, the same noise) with
     SDE-DPM-Solver++(2M), second order, at the same 100 NFE: energy distance to the exact posterior 0.0151 (DDPM:
     0.0165; the prior: 0.854), mean (1.062, −0.271) against the posterior's (1.037, −0.164) (DDPM: (1.039, −0.252)).
-    Measured alongside (not asserted): dpmpp_3m_sde 0.0079, restart 50 steps (107 NFE, ζ = 0.4) 0.0138; the
-    deterministic samplers sit further off, as first-order DDIM(η = 0) = euler does with the papers' own update:
-    euler 0.095, dpmpp_2m 0.080, unipc 0.079, deis 0.098, dpmpp_3m 0.073 (100 steps), heun 0.133 at 50 steps
-    (99 NFE) and ζ = 0.2, 0.046 at ζ = 0.4 (half the steps, so half as many displacements)."""
+    Every solver on this problem: benchmarks/dps_exact.py."""
     mix = GaussianMixture([[1.5, 0.0], [-1.5, 0.5]], stds=[0.5, 0.5])
     A = torch.tensor([[1.0, 1.0]], dtype=D64)
     y = torch.tensor([0.8], dtype=D64)
