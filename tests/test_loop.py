@@ -122,6 +122,44 @@ def test_callback_can_replace_the_state():
     assert torch.allclose(out, torch.full((1, 2), 0.25 * 3, dtype=torch.float64))  # 1 → 0.5 → ×3 → 0.75
 
 
+def test_the_loops_noise_can_be_replaced(toy):
+    """``it.noise`` is what stochastic solvers and guidance (``ctx.noise``) draw from; replaced by zeros, the seed of
+    the solver's noise no longer matters."""
+    seen, calls = [], []
+
+    class Peek(g.Guidance):
+        name = "peek"
+
+        def branches(self, ctx):
+            return ("cond",)
+
+        def combine(self, preds, ctx):
+            seen.append(ctx.noise)
+            return preds["cond"]
+
+    def zeros(like):
+        calls.append(tuple(like.shape))
+        return torch.zeros_like(like)
+
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    run = lambda seed: steer.sampler(toy, noise=z, cond=torch.tensor([1, 2]), solver="euler_ancestral",  # noqa
+                                     steps=4, seed=seed, guidance=Peek())
+    default = [run(seed) for seed in (0, 1)]
+    for it in default:
+        for _ in it:
+            pass
+    assert not torch.equal(default[0].x, default[1].x)
+    replaced = [run(seed) for seed in (0, 1)]
+    for it in replaced:
+        it.noise = zeros
+        for _ in it:
+            pass
+    assert torch.equal(replaced[0].x, replaced[1].x)
+    assert calls and all(c == (2, 4, 16, 16) for c in calls) and seen[-1] is zeros
+    with pytest.raises(ValueError, match="noise"):
+        replaced[0].noise = 3
+
+
 def test_replacing_x_with_another_shape_is_an_error(toy):
     it = steer.sampler(toy, cond=torch.tensor([1]), steps=3, seed=0)
     with pytest.raises(ValueError, match="shape"):

@@ -323,7 +323,7 @@ def _sampler(model, s: _Setup, R: int, guidance, solver, steps, timesteps, strea
     take = lambda c: None if c is None else condlib.take(c, index)  # noqa: E731
     it = sampler(model, noise.to(device, dtype), cond=take(s.cond), uncond=take(s.uncond), guidance=guidance,
                  negative=take(s.negative), solver=solver, steps=steps, timesteps=timesteps)
-    it._noise = _GroupNoise(gens, R)  # the solver's noise: one stream per group (the loop's is one per batch or row)
+    it.noise = _GroupNoise(gens, R)  # one stream per group (the loop's own is one per batch or per row)
     return it
 
 

@@ -150,7 +150,7 @@ class Sampler:
         conds = {"cond": cond, "uncond": condlib.expand(uncond, batch), "negative": condlib.expand(negative, batch)}
         self.solver_state = self.solver.init(self.path, self.timesteps)
         self.ev = _Evaluator(model, self.guide, self.path, conds, batch, self.solver_state["pts"])
-        self.ev.noise = self._noise
+        self.noise = self._draw
         self.recurrence = getattr(self.guide, "recurrence", 1) if self.guide is not None else 1
         self.ev.record("noise", noise)
         p0 = self.solver_state["pts"][0]
@@ -193,9 +193,9 @@ class Sampler:
                     x, state = self._x, self.solver_state
                     for r in range(self.recurrence):  # self-recurrence (UGD, TFG): re-noise back to t_i and repeat
                         if r:
-                            x = _renoise(x, pts[i + 1], pts[i], self._noise)
+                            x = _renoise(x, pts[i + 1], pts[i], self.noise)
                         ev.first = True
-                        x, new_state = self.solver.step(i, x, state, ev.denoise, self._noise)
+                        x, new_state = self.solver.step(i, x, state, ev.denoise, self.noise)
                         if ev.shift is not None:  # gradient guidance's displacement (Ctx.displace): S(x) + Δ
                             x, ev.shift = x + ev.shift, None
                     self.solver_state = new_state
@@ -219,7 +219,21 @@ class Sampler:
             if bar is not None:
                 bar[0].stop()
 
-    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+    @property
+    def noise(self) -> Callable:
+        """What draws the loop's fresh noise (stochastic solvers, re-noising, guidance): ``noise(like)`` returns
+        standard normal noise shaped like ``like``; by default from the sampler's generators (per item when seeded
+        per item). Assign another function to control the randomness (``steer.particles`` gives each condition's
+        particles one stream)."""
+        return self.ev.noise
+
+    @noise.setter
+    def noise(self, fn: Callable) -> None:
+        if not callable(fn):
+            raise ValueError(f"the sampler's noise must be a function like -> standard normal noise, got {fn!r}")
+        self.ev.noise = fn
+
+    def _draw(self, like: torch.Tensor) -> torch.Tensor:
         return _randn(like.shape, self.gens, like.device, like.dtype)
 
     def resample(self, index) -> None:
