@@ -701,9 +701,11 @@ def test_every_solver_dps_is_its_own_unguided_step_minus_zeta_g(solver):
     assert worst < 1e-9, worst
     assert counts == {"graphs": steps, "vjp": steps}, counts
     plain = steer.sample(den, noise=z, solver=solver, steps=steps, seed=seeds)
-    zero = steer.sample(den, noise=z, solver=solver, steps=steps, seed=seeds,
+    counts = {"graphs": 0, "vjp": 0}
+    zero = steer.sample(_counted(den, counts), noise=z, solver=solver, steps=steps, seed=seeds,
                         guidance=g.dps(0.0, operator=lambda v: v @ _A.T, y=y))
     assert torch.allclose(zero, plain, atol=1e-10), (zero - plain).abs().max()
+    assert counts == {"graphs": 0, "vjp": 0}, counts  # ζ = 0 builds no graph
     assert (x - plain).abs().max() > 1e-2  # the guidance moved the samples
 
 

@@ -248,6 +248,7 @@ class DPS(_NetworkGradient):
     def __init__(self, zeta: float = 1.0, operator=None, y: torch.Tensor | list | None = None, clip: bool = False):
         _, self.operator, self.y = _objective("dps", None, operator, y)
         self.zeta, self.clip = float(zeta), clip
+        self.grad = "first" if self.zeta else False  # ζ = 0: no gradient, no graph
 
     def correct(self, d, preds, ctx):
         d = Denoised(_clip(d.x0, self.clip), d.eps, d.x0_hist)
@@ -287,6 +288,7 @@ class Universal(_NetworkGradient):
                              f"{recurrence}")
         self.loss, self.operator, self.y = _objective("universal", loss, operator, y)
         self.forward_scale, self.backward_steps, self.recurrence = float(forward_scale), backward_steps, recurrence
+        self.grad = bool(self.forward_scale)  # only forward guidance differentiates through the network
         self.lr, self.cutoff, self.clip = float(lr), float(cutoff), clip
 
     def losses(self, x0: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -369,6 +371,7 @@ class TFG(_NetworkGradient):
                              f"{recurrence}, {iterations}, {n_mc}, {gamma}")
         self.loss, self.operator, self.y = _objective("tfg", loss, operator, y)
         self.rho, self.mu, self.gamma = float(rho), float(mu), float(gamma)
+        self.grad = "first" if self.rho else False  # only mean guidance differentiates through the network
         self.recurrence, self.iterations, self.n_mc, self.schedule, self.clip = (recurrence, iterations, n_mc,
                                                                                   schedule, clip)
         self._weights: tuple | None = None
