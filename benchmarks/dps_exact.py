@@ -11,7 +11,6 @@ Writes bench-out/dps_exact.md (``--out``).
     python benchmarks/dps_exact.py [--nfe 100]
 """
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -19,24 +18,9 @@ import torch
 import steer
 from steer import guidance as g
 from steer.metrics import energy_distance
-from steer.testbeds.gmm import GaussianMixture
+from steer.testbeds.gmm import GaussianMixture, linear_posterior
 
 D64 = torch.float64
-
-
-def posterior(mix: GaussianMixture, A: torch.Tensor, y: torch.Tensor, sigma_y: float) -> GaussianMixture:
-    """p(x0 | y) for y = A x0 + N(0, σ_y² I): components (Σ_k⁻¹ + AᵀA/σ_y²)⁻¹, means S_k(Σ_k⁻¹ μ_k + Aᵀy/σ_y²),
-    weights ∝ π_k N(y; A μ_k, A Σ_k Aᵀ + σ_y² I)."""
-    S, m, logw = [], [], []
-    for k in range(mix.K):
-        P = torch.linalg.inv(mix.covs[k])
-        Sk = torch.linalg.inv(P + A.T @ A / sigma_y**2)
-        S.append(Sk)
-        m.append(Sk @ (P @ mix.means[k] + A.T @ y / sigma_y**2))
-        C = A @ mix.covs[k] @ A.T + sigma_y**2 * torch.eye(len(y), dtype=D64)
-        r = y - A @ mix.means[k]
-        logw.append(mix.log_weights[k] - 0.5 * r @ torch.linalg.solve(C, r) - 0.5 * torch.logdet(2 * math.pi * C))
-    return GaussianMixture(torch.stack(m), covs=torch.stack(S), weights=torch.softmax(torch.stack(logw), 0))
 
 
 def main():
@@ -47,7 +31,7 @@ def main():
     torch.set_num_threads(2)
     mix = GaussianMixture([[1.5, 0.0], [-1.5, 0.5]], stds=[0.5, 0.5])
     A, y = torch.tensor([[1.0, 1.0]], dtype=D64), torch.tensor([0.8], dtype=D64)
-    post = posterior(mix, A, y, 0.3)
+    post = linear_posterior(mix, A, y, 0.3)
     n = 400
     exact = post.sample(n, generator=torch.Generator().manual_seed(1))
     post_mean = post.sample(100_000, generator=torch.Generator().manual_seed(9)).mean(0)

@@ -24,19 +24,6 @@ import steer
 from steer.testbeds import gmm as G
 
 
-def gaussian_pair():
-    gc, gu = G.GaussianMixture([[1.0]], stds=torch.tensor([0.5])), G.GaussianMixture([[0.0]], stds=torch.tensor([1.0]))
-    path = steer.get_path("flow")
-
-    def fn(x, t, cond):
-        a, s = path.alpha(t.double()), path.sigma(t.double())
-        return torch.where((cond == 1)[:, None], gc.posterior_mean(x, a, s), gu.posterior_mean(x, a, s)).to(x.dtype)
-
-    model = steer.denoiser(fn, "flow", "x0", sample_shape=(1,))
-    model.null_cond = lambda c, b: torch.zeros(b, dtype=torch.long)
-    return model
-
-
 def karras(path, n):
     sb = (80 ** (1 / 7) + torch.arange(n, dtype=torch.float64) / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     return torch.cat([path.t_from_sigma_bar(sb), torch.zeros(1, dtype=torch.float64)])
@@ -67,7 +54,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pair = gaussian_pair()
+    pair = G.conditional_pair(G.GaussianMixture([[1.0]], stds=[0.5]), G.GaussianMixture([[0.0]], stds=[1.0]))
     n = args.groups
     cases = [
         ("CFG w = 3 (Gaussian pair)", pair, 1, {"guidance": "cfg(scale=3)"}, 1.2, math.sqrt(0.1)),

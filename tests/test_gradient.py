@@ -23,7 +23,7 @@ from steer.core import Ctx, Denoised, points
 from steer.memory import peak_saved_bytes as peak_saved
 from steer.metrics.distances import energy_distance
 from steer.paths import get_path
-from steer.testbeds.gmm import GaussianMixture, toy
+from steer.testbeds.gmm import GaussianMixture, linear_posterior, toy
 
 D64 = torch.float64
 
@@ -235,19 +235,15 @@ def test_exact_classifier_guidance_samples_the_exact_conditional():
     assert unguided > 20 * mc  # measured: 0.61
 
 
-def _posterior(mix: GaussianMixture, A: torch.Tensor, y: torch.Tensor, sigma_y: float) -> GaussianMixture:
-    """p(x0 | y) for y = A x0 + N(0, σ_y² I) and a GMM prior: components S_k = (Σ_k⁻¹ + AᵀA/σ_y²)⁻¹,
-    m_k = S_k(Σ_k⁻¹ μ_k + Aᵀy/σ_y²), weights ∝ π_k N(y; A μ_k, A Σ_k Aᵀ + σ_y² I)."""
-    S, m, logw = [], [], []
-    for k in range(mix.K):
-        P = torch.linalg.inv(mix.covs[k])
-        Sk = torch.linalg.inv(P + A.T @ A / sigma_y**2)
-        S.append(Sk)
-        m.append(Sk @ (P @ mix.means[k] + A.T @ y / sigma_y**2))
-        C = A @ mix.covs[k] @ A.T + sigma_y**2 * torch.eye(len(y), dtype=D64)
-        r = y - A @ mix.means[k]
-        logw.append(mix.log_weights[k] - 0.5 * r @ torch.linalg.solve(C, r) - 0.5 * torch.logdet(2 * math.pi * C))
-    return GaussianMixture(torch.stack(m), covs=torch.stack(S), weights=torch.softmax(torch.stack(logw), 0))
+def _dps_problem():
+    """Prior: two Gaussians in 2-D; y = x₁ + x₂ + N(0, 0.3²) observed at 0.8. Returns the prior, A, y, 400 exact
+    posterior draws and 400 noise draws."""
+    mix = GaussianMixture([[1.5, 0.0], [-1.5, 0.5]], stds=[0.5, 0.5])
+    A = torch.tensor([[1.0, 1.0]], dtype=D64)
+    y = torch.tensor([0.8], dtype=D64)
+    exact = linear_posterior(mix, A, y, 0.3).sample(400, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(400, 2, generator=torch.Generator().manual_seed(5), dtype=D64)
+    return mix, A, y, exact, noise
 
 
 def test_dps_on_a_linear_gaussian_inverse_problem_against_the_exact_posterior():
@@ -256,19 +252,12 @@ def test_dps_on_a_linear_gaussian_inverse_problem_against_the_exact_posterior():
     the posterior but is not exact (DPS ignores Cov[x0 | x_t]). Measured: energy distance to the posterior 0.0165
     (prior: 0.854; two exact posterior draws of 400: 95th percentile 0.0042, so the gap is real, about 4× MC error);
     posterior mean (1.037, −0.164), DPS (1.039, −0.252). The bounds below are the honest gap, not exactness."""
-    mix = GaussianMixture([[1.5, 0.0], [-1.5, 0.5]], stds=[0.5, 0.5])
-    A = torch.tensor([[1.0, 1.0]], dtype=D64)
-    y = torch.tensor([0.8], dtype=D64)
-    post = _posterior(mix, A, y, 0.3)
-    n = 400
-    exact = post.sample(n, generator=torch.Generator().manual_seed(1))
-    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(5), dtype=D64)
+    mix, A, y, exact, noise = _dps_problem()
     x = steer.sample(mix.denoiser("vp-linear", "eps"), noise=noise, solver="ddpm", steps=100, seed=0,
                      guidance=g.dps(0.2, operator=lambda v: v @ A.T, y=y[None]))
     ed = energy_distance(x, exact)
-    prior_ed = energy_distance(mix.sample(n, generator=torch.Generator().manual_seed(3)), exact)
-    print(f"DPS: ED to exact posterior {ed:.4f}, prior {prior_ed:.4f}, mean {x.mean(0).tolist()} vs "
-          f"{post.sample(20000, generator=torch.Generator().manual_seed(9)).mean(0).tolist()}")
+    prior_ed = energy_distance(mix.sample(400, generator=torch.Generator().manual_seed(3)), exact)
+    print(f"DPS: ED to exact posterior {ed:.4f}, prior {prior_ed:.4f}, mean {x.mean(0).tolist()}")
     assert ed < 0.1 * prior_ed
     assert (x.mean(0) - exact.mean(0)).norm() < 0.15
 
@@ -854,17 +843,11 @@ def test_dps_with_a_second_order_solver_against_the_exact_posterior():
     SDE-DPM-Solver++(2M), second order, at the same 100 NFE: energy distance to the exact posterior 0.0151 (DDPM:
     0.0165; the prior: 0.854), mean (1.062, −0.271) against the posterior's (1.037, −0.164) (DDPM: (1.039, −0.252)).
     Every solver on this problem: benchmarks/dps_exact.py."""
-    mix = GaussianMixture([[1.5, 0.0], [-1.5, 0.5]], stds=[0.5, 0.5])
-    A = torch.tensor([[1.0, 1.0]], dtype=D64)
-    y = torch.tensor([0.8], dtype=D64)
-    post = _posterior(mix, A, y, 0.3)
-    n = 400
-    exact = post.sample(n, generator=torch.Generator().manual_seed(1))
-    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(5), dtype=D64)
+    mix, A, y, exact, noise = _dps_problem()
     res = steer.sample(mix.denoiser("vp-linear", "eps"), noise=noise, solver="dpmpp_2m_sde", steps=100, seed=0,
                        guidance=g.dps(0.2, operator=lambda v: v @ A.T, y=y[None]), return_info=True)
     ed = energy_distance(res.x, exact)
-    prior_ed = energy_distance(mix.sample(n, generator=torch.Generator().manual_seed(3)), exact)
+    prior_ed = energy_distance(mix.sample(400, generator=torch.Generator().manual_seed(3)), exact)
     print(f"DPS + dpmpp_2m_sde, {res.nfe} NFE: ED to exact posterior {ed:.4f}, prior {prior_ed:.4f}, mean "
           f"{res.x.mean(0).tolist()}")
     assert res.nfe == 100

@@ -174,16 +174,8 @@ def test_fkc_weight_matches_the_reference_increment():
 
 def _gaussian_pair():
     """cond N(1, 0.5²), uncond N(0, 1) (reference notes D5): the CFG-tilted target for w = 3 is N(1.2, 0.316²)."""
-    gc, gu = G.GaussianMixture([[1.0]], stds=torch.tensor([0.5])), G.GaussianMixture([[0.0]], stds=torch.tensor([1.0]))
-    path = steer.get_path("flow")
-
-    def fn(x, t, cond):
-        a, s = path.alpha(t.double()), path.sigma(t.double())
-        return torch.where((cond == 1)[:, None], gc.posterior_mean(x, a, s), gu.posterior_mean(x, a, s)).to(x.dtype)
-
-    model = steer.denoiser(fn, "flow", "x0", sample_shape=(1,))
-    model.null_cond = lambda c, b: torch.zeros(b, dtype=torch.long)
-    return model, path
+    model = G.conditional_pair(G.GaussianMixture([[1.0]], stds=[0.5]), G.GaussianMixture([[0.0]], stds=[1.0]))
+    return model, model.path
 
 
 def test_fkc_corrects_cfg_to_the_tilted_target():

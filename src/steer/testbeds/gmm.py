@@ -15,11 +15,12 @@ import math
 import numpy as np
 import torch
 
-from ..models import register_model
+from ..models import denoiser, register_model
 from ..paths import Path, get_path
 from ..prediction import check_kind, convert
 
-__all__ = ["GaussianMixture", "GMMDenoiser", "toy", "single_gaussian_ode"]
+__all__ = ["GaussianMixture", "GMMDenoiser", "toy", "single_gaussian_ode", "conditional_pair", "linear_tilt",
+           "cfg_tilted_sample", "linear_posterior"]
 
 
 class GaussianMixture:
@@ -205,8 +206,26 @@ register_model("gmm-flow", lambda: toy(dim=2).denoiser("flow", "flow"))  # named
 register_model("gmm-vp", lambda: toy(dim=2).denoiser("vp-linear", "eps"))
 
 
+def conditional_pair(cond: GaussianMixture, uncond: GaussianMixture, path: "str | Path" = "flow"):
+    """The exact x0-denoiser of two separate mixtures as one model: label 1 is ``cond``, any other label ``uncond``
+    (``null_cond``: label 0), for conditional/unconditional pairs that are not one mixture and its classes, such as
+    cond N(1, 0.5²) and uncond N(0, 1) (reference notes D5: CFG's tilted target for w = 3 is N(1.2, 0.316²))."""
+    path = get_path(path)
+
+    def fn(x, t, c):
+        a, s = path.alpha(t.double()), path.sigma(t.double())
+        x64 = x.double()
+        x0 = torch.where((c == 1)[:, None], cond.posterior_mean(x64, a, s), uncond.posterior_mean(x64, a, s))
+        return x0.to(x.dtype)
+
+    model = denoiser(fn, path, "x0", sample_shape=(cond.dim,))
+    model.null_cond = lambda c, batch: torch.zeros(batch, dtype=torch.long)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------
-# Tilted targets for particle methods (exact): reward-tilted mixtures and the CFG-tilted target.
+# Exact targets for guidance and particle methods: reward-tilted mixtures, the CFG-tilted target and the posterior
+# of a linear-Gaussian inverse problem.
 
 
 def linear_tilt(gmm: GaussianMixture, b, lmbda: float, label=None) -> GaussianMixture:
@@ -236,3 +255,21 @@ def cfg_tilted_sample(gmm: GaussianMixture, label: int, w: float, n: int,
         out.append(acc)
         have += len(acc)
     return torch.cat(out)[:n]
+
+
+def linear_posterior(gmm: GaussianMixture, A, y, sigma_y: float) -> GaussianMixture:
+    """``p(x0 | y)`` for ``y = A x0 + N(0, σ_y² I)`` with the mixture as prior: components
+    ``S_k = (Σ_k⁻¹ + AᵀA/σ_y²)⁻¹``, means ``S_k (Σ_k⁻¹ μ_k + Aᵀy/σ_y²)``, weights
+    ``∝ π_k N(y; A μ_k, A Σ_k Aᵀ + σ_y² I)``."""
+    A, y = torch.as_tensor(A, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64).reshape(-1)
+    S, m, logw = [], [], []
+    for k in range(gmm.K):
+        P = torch.linalg.inv(gmm.covs[k])
+        Sk = torch.linalg.inv(P + A.T @ A / sigma_y**2)
+        S.append(Sk)
+        m.append(Sk @ (P @ gmm.means[k] + A.T @ y / sigma_y**2))
+        C = A @ gmm.covs[k] @ A.T + sigma_y**2 * torch.eye(len(y), dtype=torch.float64)
+        r = y - A @ gmm.means[k]
+        logw.append(gmm.log_weights[k] - 0.5 * r @ torch.linalg.solve(C, r) - 0.5 * torch.logdet(2 * math.pi * C))
+    return GaussianMixture(torch.stack(m), covs=torch.stack(S), weights=torch.softmax(torch.stack(logw), 0),
+                           labels=gmm.labels)
