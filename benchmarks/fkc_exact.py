@@ -63,9 +63,10 @@ def main():
                                           "negative": torch.zeros(n, dtype=torch.long)}, 0.8, math.sqrt(0.2)),
     ]
     toy = G.toy()
-    ref = G.cfg_tilted_sample(toy, 0, 3.0, 400_000, generator=torch.Generator().manual_seed(1))
-    cases.append(("CFG w = 3 (2-D mixture, class 0)", toy.denoiser("flow", "x0"), 0, {"guidance": "cfg(scale=3)"},
-                  ref[:, 0].mean().item(), ref[:, 0].std().item()))
+    for w in (1.5, 2.0, 3.0):
+        ref = G.cfg_tilted_sample(toy, 0, w, 400_000, generator=torch.Generator().manual_seed(1))
+        cases.append((f"CFG w = {w:g} (2-D mixture, class 0)", toy.denoiser("flow", "x0"), 0,
+                      {"guidance": f"cfg(scale={w:g})"}, ref[:, 0].mean().item(), ref[:, 0].std().item()))
     rows = []
     for name, model, cond, opts, mu, sd in cases:
         t0 = time.perf_counter()

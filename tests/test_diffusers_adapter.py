@@ -368,9 +368,9 @@ def base_sd(folders):
 
 
 @pytest.fixture(scope="module")
-def lora_pipe(folders, tmp_path_factory):
-    """The tiny SD pipeline with a random rank-4 LoRA on every attention projection of its UNet (q, k, v, out),
-    written by the pipeline's save_lora_weights and read back by load_lora_weights (the real loading path, PEFT)."""
+def lora_folder(folders, tmp_path_factory):
+    """A random rank-4 LoRA on every attention projection of the tiny SD UNet (q, k, v, out), written by the
+    pipeline's save_lora_weights."""
     peft = pytest.importorskip("peft")
     from peft.utils import get_peft_model_state_dict
 
@@ -384,9 +384,43 @@ def lora_pipe(folders, tmp_path_factory):
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
     folder = tmp_path_factory.mktemp("lora")
     diffusers.StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(maker.unet))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_pipe(folders, lora_folder):
+    """The tiny SD pipeline with the LoRA read back by load_lora_weights (the real loading path, PEFT)."""
     pipe = _ddim(sd.load(folders["sd"]))
-    pipe.load_lora_weights(str(folder), adapter_name="tiny")
+    pipe.load_lora_weights(str(lora_folder), adapter_name="tiny")
     return pipe
+
+
+def test_cli_sample_diffusers_with_a_lora(folders, lora_folder, tmp_path):
+    """``steer sample --diffusers PATH --lora FOLDER --lora-scale 0.5`` writes the image that
+    ``sample(pipe, ..., cross_attention_kwargs={"scale": 0.5})`` makes from the pipeline with that LoRA loaded."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from steer.cli import app
+
+    runner, out = CliRunner(), tmp_path / "lora.png"
+    args = ["sample", "--diffusers", str(folders["sd"]), "--prompt", PROMPT, "--guidance", "cfg(3)", "--solver",
+            "euler", "--steps", "3", "--height", "16", "--width", "16", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--lora", str(lora_folder), "--lora-scale", "0.5"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    pipe = sd.load(folders["sd"])
+    pipe.load_lora_weights(str(lora_folder))
+    want = sd.sample(pipe, PROMPT, guidance="cfg(3)", solver="euler", steps=3, seed=0, height=16, width=16,
+                     cross_attention_kwargs={"scale": 0.5})[0]
+    got = Image.open(out)
+    assert got.tobytes() == want.tobytes()
+    plain = sd.sample(sd.load(folders["sd"]), PROMPT, guidance="cfg(3)", solver="euler", steps=3, seed=0, height=16,
+                      width=16)[0]
+    assert got.tobytes() != plain.tobytes()  # the LoRA is in the image
+    res = runner.invoke(app, [*args, "--lora-scale", "0.5"], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "--lora-scale scales a LoRA: pass --lora PATH" in res.output
+    res = runner.invoke(app, [*args, "--lora", str(tmp_path / "missing")], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "cannot load the LoRA in" in res.output
 
 
 def test_lora_cfg_and_pag_reproduce_the_pipelines(lora_pipe, base_sd):

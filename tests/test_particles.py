@@ -201,6 +201,34 @@ def test_fkc_corrects_cfg_to_the_tilted_target():
     assert ed_cfg > 5 * max(ed, null[-1]), (ed_cfg, ed, null[-1])
 
 
+def test_fkc_corrects_cfg_on_a_2d_class_conditional_mixture():
+    """FKC with w = 1.5 on ``gmm.toy()`` (3 classes × 2 anisotropic components), class 0: the weighted mean and std
+    of each coordinate, per condition, averaged over 32 conditions × 256 particles (100 Karras steps, ESS < K/2) lie
+    within 4 standard errors of the exact tilted target's (rejection sampling, 100,000 draws); CFG's SDE alone does
+    not. Measured: first coordinate 0.867 ± 0.012 (exact 0.863, CFG's SDE 1.00), std 0.696 ± 0.011 (0.717)."""
+    mix = G.toy()
+    model = mix.denoiser("flow", "x0")
+    ref = G.cfg_tilted_sample(mix, 0, 1.5, 100_000, generator=torch.Generator().manual_seed(1))
+    sb = (80 ** (1 / 7) + torch.arange(100, dtype=torch.float64) / 99 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    ts = torch.cat([model.path.t_from_sigma_bar(sb), torch.zeros(1, dtype=torch.float64)])
+    n = 32
+    run = lambda schedule: steer.smc(model, cond=torch.zeros(n, dtype=torch.long), guidance="cfg(scale=1.5)",  # noqa
+                                     method="fkc", particles=256, timesteps=ts, seed=list(range(n)),
+                                     output="weighted", dtype=torch.float64, schedule=schedule)
+
+    def stats(res, weighted):
+        w = res.log_weights.exp() if weighted else torch.full(res.log_weights.shape, 1 / 256, dtype=torch.float64)
+        m = (w[..., None] * res.particles).sum(1)
+        return m, (w[..., None] * (res.particles - m[:, None]) ** 2).sum(1).sqrt()
+
+    m, s = stats(run(0.5), True)
+    se = lambda v: v.std(0) / math.sqrt(n)  # noqa: E731
+    assert torch.all((m.mean(0) - ref.mean(0)).abs() < 4 * se(m)), (m.mean(0), ref.mean(0), se(m))
+    assert torch.all((s.mean(0) - ref.std(0)).abs() < 4 * se(s)), (s.mean(0), ref.std(0), se(s))
+    m_cfg, _ = stats(run([]), False)
+    assert (m_cfg.mean(0)[0] - ref.mean(0)[0]).abs() > 4 * se(m)[0], (m_cfg.mean(0), ref.mean(0))
+
+
 def test_fkc_refuses_what_it_cannot_correct(toy):
     model = toy.denoiser("flow", "flow")
     with pytest.raises(ValueError, match="reverse SDE"):

@@ -202,16 +202,20 @@ def sample(
     device: Optional[str] = typer.Option(None, help="--diffusers only: torch device, e.g. cuda (default: cpu)."),
     dtype: Optional[str] = typer.Option(None, help="--diffusers only: float32, float16 or bfloat16 (default: as "
                                         "saved)."),
+    lora: Optional[list[FilePath]] = typer.Option(None, metavar="PATH", help="--diffusers only: a LoRA to load "
+                                                  "with the pipeline's load_lora_weights (a local folder or "
+                                                  ".safetensors file; repeat for several)."),
+    lora_scale: Optional[float] = typer.Option(None, help="--diffusers only: the LoRA scale (default 1)."),
 ):
     """Sample from a testbed model and report how close the samples are to the target distribution; or, with
     --diffusers PATH, generate an image with a local diffusers pipeline and any steer guidance and solver."""
-    diffusers_only = ("prompt", "negative_prompt", "height", "width", "device", "dtype")
+    diffusers_only = ("prompt", "negative_prompt", "height", "width", "device", "dtype", "lora", "lora_scale")
     if diffusers is not None:
         ignored = _given(ctx, "model", "path", "dim", "n", "compare_solvers")
         if ignored:
             _fail(f"--diffusers generates one image with the pipeline in PATH; it does not take {', '.join(ignored)}")
         _sample_diffusers(ctx, diffusers, prompt, negative_prompt, solver, steps, guidance, seed, height, width,
-                          device, dtype, out)
+                          device, dtype, out, lora or [], lora_scale)
         return
     ignored = _given(ctx, *diffusers_only)
     if ignored:
@@ -350,7 +354,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _sample_diffusers(ctx, folder, prompt, negative_prompt, solver, steps, guidance, seed, height, width, device,
-                      dtype, out):
+                      dtype, out, loras, lora_scale):
     """``steer sample --diffusers PATH``: one image from a local diffusers pipeline; solver, steps and guidance
     default to the pipeline's own (its scheduler's matched solver, its num_inference_steps, its CFG scale)."""
     if prompt is None:
@@ -378,12 +382,21 @@ def _sample_diffusers(ctx, folder, prompt, negative_prompt, solver, steps, guida
             pipe = steer_diffusers.load(folder, dtype=getattr(torch, dtype) if dtype else None, device=device)
     except (OSError, ValueError, TypeError) as e:
         _fail(f"cannot load a diffusers pipeline from {folder}: {e}", code=1)
+    if lora_scale is not None and not loras:
+        _fail("--lora-scale scales a LoRA: pass --lora PATH")
+    for i, path in enumerate(loras):
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
+        except (OSError, ValueError, TypeError, AttributeError, ImportError) as e:
+            _fail(f"cannot load the LoRA in {path} into {type(pipe).__name__}: {e}", code=1)
+    scale = {} if lora_scale is None else {
+        "joint_attention_kwargs" if hasattr(pipe, "transformer") else "cross_attention_kwargs": {"scale": lora_scale}}
     t0 = time.perf_counter()
     try:
         images, res = steer_diffusers.sample(pipe, prompt, negative_prompt=negative_prompt,
                                              guidance="default" if guidance is None else guidance, solver=solver_arg,
                                              steps=steps if _given(ctx, "steps") else None, seed=seed, height=height,
-                                             width=width, return_info=True)
+                                             width=width, return_info=True, **scale)
     except steer.NonFiniteError as e:
         _fail(f"sampling failed: {e}", code=1)
     except (ValueError, TypeError, NotImplementedError) as e:
