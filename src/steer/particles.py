@@ -835,8 +835,10 @@ def smc(model, cond=None, uncond=None, guidance=None, method: str = "fkc", parti
     ``best_of_n``, ``noise_search`` (their docstrings give the options, defaults and costs).
 
     ``particles`` is K per condition (SVDD: independent chains; best-of-N: N; noise search: use ``budget=``);
-    ``solver`` and ``steps`` default to the method's. ``cond`` holds one row per condition (``n=`` conditions
-    without one), ``seed`` an int or one int per condition (then each condition's result depends only on it).
+    ``solver`` and ``steps`` default to the method's, and so does ``guidance`` for ``fkc`` (``cfg(scale=3)``; for
+    the conditional model alone, tempered or in a product, pass ``experts=`` instead). ``cond`` holds one row per
+    condition (``n=`` conditions without one), ``seed`` an int or one int per condition (then each condition's
+    result depends only on it).
     Returns an :class:`SMCResult` (``.samples``, ``.log_weights``, ``.particles``, ``.rewards``,
     ``.diagnostics``, ``.nfe``)::
 
