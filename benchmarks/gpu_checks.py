@@ -26,14 +26,10 @@ import steer
 from steer.guidance import REGISTRY
 from steer.solvers import SOLVERS
 from steer.testbeds import digits
-from steer.testbeds.toy import ToyLatentModel
+from steer.testbeds.toy import ToyLatentModel, example_guidance
 
 RENOISE = ("ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m")
 TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-def spec_of(name: str) -> str:
-    return {"autoguidance": "autoguidance(guide='toy-guide')"}.get(name, name)
 
 
 def rel(a, b) -> float:
@@ -46,11 +42,11 @@ def matrix(device) -> tuple[list[str], dict]:
     failures, worst = [], {d: 0.0 for d in TOL}
     t0 = time.time()
     for method in sorted(REGISTRY):
-        kw = dict(cond=torch.tensor([3], device=device), guidance=spec_of(method), steps=3,
+        kw = dict(cond=torch.tensor([3], device=device), guidance=example_guidance(method), steps=3,
                   negative=torch.tensor([5], device=device) if method == "perp_neg" else None)
         for solver in SOLVERS:
-            if method == "cfgpp" and solver not in RENOISE:
-                continue
+            if steer.guidance.parse(kw["guidance"]).needs_renoise and solver not in RENOISE:
+                continue  # CFG++ re-noises with its own estimate: only these solvers take it
             if method == "tag" and solver not in ("ddim", "ddpm", "euler", "euler_ancestral"):
                 continue  # TAG refuses solvers other than one-evaluation first-order ones
             try:
@@ -82,8 +78,8 @@ def syncs(device) -> tuple[list[str], dict]:
     noise = torch.randn(2, 4, 64, 64, device=device, dtype=torch.float16)
     steps, out = 10, {}
     for method in sorted(REGISTRY):
-        kw = dict(cond=torch.tensor([3, 4], device=device), guidance=spec_of(method), steps=steps, solver="euler",
-                  negative=torch.tensor([5, 6], device=device) if method == "perp_neg" else None)
+        kw = dict(cond=torch.tensor([3, 4], device=device), guidance=example_guidance(method), steps=steps,
+                  solver="euler", negative=torch.tensor([5, 6], device=device) if method == "perp_neg" else None)
         steer.sample(model, noise=noise, **kw)  # warm caches
         torch.cuda.synchronize(device)
         with warnings.catch_warnings(record=True) as caught:

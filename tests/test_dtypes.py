@@ -8,7 +8,7 @@ import torch
 import steer
 from steer.guidance import REGISTRY
 from steer.solvers import SOLVERS
-from steer.testbeds.toy import ToyLatentModel
+from steer.testbeds.toy import ToyLatentModel, example_guidance
 
 SIZES = {"4x64x64": (4, 64, 64), "16x128x128": (16, 128, 128)}
 RENOISE = ("ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m")  # the solvers CFG++ can run in
@@ -16,23 +16,6 @@ FIRST_ORDER = ("ddim", "ddpm", "euler", "euler_ancestral")  # the solvers TAG ca
 # relative RMS distance to the float32 sample from the same noise; measured worst cases are ~4e-3 (float16) and
 # ~3e-2 (bfloat16, 8 mantissa bits) over 3 steps
 TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-def spec_of(name: str, shape=(4, 64, 64)):
-    """The method as a spec string, or (gradient guidance: a measurement, a loss or a classifier is not a literal)
-    built in Python on a 2× super-resolution measurement of zeros."""
-    from steer import guidance as g
-
-    y = torch.zeros(1, shape[0], shape[1] // 2, shape[2] // 2)
-    loss = lambda x0: x0.float().pow(2).flatten(1).mean(1)  # noqa: E731
-    built = {"classifier": lambda: g.classifier(2.0, classifier=lambda x, t, p: x.flatten(1)[:, :10] * 0.1),
-             "dps": lambda: g.dps(0.5, operator="downsample(2)", y=y),
-             "universal": lambda: g.universal(1.0, 1, 2, loss=loss),
-             "tfg": lambda: g.tfg(0.5, 0.5, 0.1, operator="downsample(2)", y=y, clip=False),
-             "flowchef": lambda: g.flowchef(1.0, operator="downsample(2)", y=y)}
-    if name in built:
-        return built[name]()
-    return {"autoguidance": "autoguidance(guide='toy-guide')"}.get(name, name)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +32,7 @@ def test_every_method_and_solver_in_half_precision(models, size, method):
     steer.models.register_model("toy-guide", lambda: guide)
     labels = torch.tensor([3])
     noise = torch.randn((1, *SIZES[size]), generator=torch.Generator().manual_seed(0))
-    guidance = spec_of(method, SIZES[size])
+    guidance = example_guidance(method, SIZES[size])
     kwargs = dict(cond=labels, guidance=guidance, steps=3, seed=0,
                   negative=torch.tensor([5]) if method == "perp_neg" else None)
     for solver in SOLVERS:

@@ -20,7 +20,7 @@ from ..models import hooks
 from ..paths import Path, get_path
 from ..prediction import check_kind, convert
 
-__all__ = ["ToyLatentModel"]
+__all__ = ["ToyLatentModel", "example_guidance"]
 
 NULL = 10
 GRID = 8  # tokens per side
@@ -85,3 +85,22 @@ class ToyLatentModel(nn.Module):
         h = h.transpose(1, 2).reshape(b, -1, GRID, GRID)
         x0 = x0 + self.correction * torch.tanh(F.interpolate(h, size=x.shape[-2:], mode="nearest"))
         return convert(x0, "x0", self.prediction, xf, t, self.path).to(x.dtype)
+
+
+def example_guidance(name: str, shape=(4, 64, 64), guide: str = "toy-guide"):
+    """A runnable instance of the registered method ``name`` on a ToyLatentModel of ``shape``, for checks over every
+    method: its spec string, or, for gradient guidance (whose classifier, loss or measurement is not a literal), the
+    object built on a 2× super-resolution measurement of zeros. ``guide`` is the registered guide model for
+    autoguidance."""
+    from .. import guidance as g
+
+    y = torch.zeros(1, shape[0], shape[1] // 2, shape[2] // 2)
+    loss = lambda x0: x0.float().pow(2).flatten(1).mean(1)  # noqa: E731
+    built = {"classifier": lambda: g.classifier(2.0, classifier=lambda x, t, p: x.flatten(1)[:, :10] * 0.1),
+             "dps": lambda: g.dps(0.5, operator="downsample(2)", y=y),
+             "universal": lambda: g.universal(1.0, 1, 2, loss=loss),
+             "tfg": lambda: g.tfg(0.5, 0.5, 0.1, operator="downsample(2)", y=y, clip=False),
+             "flowchef": lambda: g.flowchef(1.0, operator="downsample(2)", y=y)}
+    if name in built:
+        return built[name]()
+    return f"autoguidance(guide={guide!r})" if name == "autoguidance" else name
