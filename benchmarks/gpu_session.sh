@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements issues 7 and 11 ask for, in one device run (about 9 minutes at most):
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# .whl holds the diffusers wheel (and importlib_metadata); the device image has torch, transformers and the rest.
+# .whl (git-ignored) holds the diffusers wheel and importlib_metadata; the device image has torch, transformers and
+# the rest. To make it: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#   --implementation cp --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 # Results land in $OUT (bench-out without one): copy them to benchmarks/out and the README's GPU sections.
 set -o pipefail
 out=${OUT:-bench-out}
