@@ -405,6 +405,8 @@ def test_ip_adapter_embeds_errors_on_sd3_and_flux(sd3, flux, monkeypatch):
         sd.sample(flux, PROMPT, guidance=None, ip_adapter_image_embeds=_flux_embeds() * 2, **call)
     with pytest.raises(ValueError, match="allowed: 1 .* or 1"):
         sd.sample(flux, PROMPT, guidance=None, ip_adapter_image_embeds=[torch.zeros(2, 1, 12)], **call)
+    with pytest.raises(ValueError, match="has an IP-Adapter loaded .* pass ip_adapter_image_embeds="):
+        sd.sample(flux, PROMPT, guidance=None, **call)  # (FluxPipeline: TypeError 'NoneType' object is not iterable)
     with pytest.raises(ValueError, match="needs ip_adapter_image_embeds="):
         sd.sample(flux, PROMPT, guidance=None, negative_ip_adapter_image_embeds=_flux_embeds(), **call)
     monkeypatch.setattr(flux, "image_encoder", None)

@@ -404,6 +404,11 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     if negative_ip_adapter_image_embeds is not None and ip_adapter_image_embeds is None:
         raise ValueError("negative_ip_adapter_image_embeds= needs ip_adapter_image_embeds= (the positive ones)")
     if ip_adapter_image_embeds is None:
+        if family == "flux" and type(getattr(pipe.transformer, "encoder_hid_proj", None)).__name__ == \
+                "MultiIPAdapterImageProjection":  # its processors fail on a call without image tokens
+            raise ValueError("this Flux pipeline has an IP-Adapter loaded (pipe.load_ip_adapter) and its attention "
+                             "processors need image embeds on every call: pass ip_adapter_image_embeds= (FluxPipeline "
+                             "needs them too), or call pipe.unload_ip_adapter()")
         return enc
     cond_device = enc.cond["encoder_hidden_states"].device
     batch = enc.cond["encoder_hidden_states"].shape[0]
