@@ -9,8 +9,9 @@ for the negative branch when no negative embeds are given).
 
 Checked: steer's ``cfg`` with the matched solver equals the pipeline's output for the same latents and embeds (SD3
 CFG; Flux true CFG, with and without negative embeds, and the guidance-distilled path without CFG); the image prompt
-moves the output; PAG's masked identity on SD3's joint attention keeps the IP-Adapter processor (same objects) and
-its image term on the perturbed rows, equal to the processor written out by hand; clear errors for wrong formats.
+moves the output; PAG's masked identity on SD3's and Flux's joint attention keeps the IP-Adapter processor (same
+objects) and its image term on the perturbed rows, equal to the processor written out by hand (diffusers has no PAG
+pipeline with an SD3 or Flux IP-Adapter to compare with); clear errors for wrong formats.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def test_flux_ip_adapter_true_cfg_and_distilled_reproduce_the_pipeline(flux):
 
 
 # ---------------------------------------------------------------------------------------------------
-# PAG on SD3's joint attention wraps the IP-Adapter processor
+# PAG on SD3's and Flux's joint attention wraps the IP-Adapter processor
 
 
 class SD3IPAdapterPAGByHand:
