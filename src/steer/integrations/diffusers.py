@@ -34,9 +34,11 @@ Attention hooks (PAG, SEG, TPG, NAG, SAG, skip-layer) reach the network through 
 delegates to ``steer.integrations.diffusers_attention``.
 
 What users load into a pipeline is used as the pipeline uses it: LoRA (``pipe.load_lora_weights``; its scale as
-``cross_attention_kwargs={"scale": s}`` / ``joint_attention_kwargs``, or ``pipe.set_adapters``), IP-Adapter on UNet
-pipelines (``pipe.load_ip_adapter``; ``ip_adapter_image_embeds`` as the pipeline takes them, into
-``added_cond_kwargs["image_embeds"]``); the hooks wrap those processors and layers (tests/test_diffusers_adapter.py).
+``cross_attention_kwargs={"scale": s}`` / ``joint_attention_kwargs``, or ``pipe.set_adapters``), IP-Adapter
+(``pipe.load_ip_adapter``; ``ip_adapter_image_embeds`` as the pipeline takes them: on UNet pipelines into
+``added_cond_kwargs["image_embeds"]``, on SD3 and Flux into ``joint_attention_kwargs["ip_adapter_image_embeds"]``,
+Flux with ``negative_ip_adapter_image_embeds`` for true CFG); the hooks wrap those processors and layers
+(tests/test_diffusers_adapter.py, tests/test_diffusers_ip_adapter_dit.py).
 """
 
 from __future__ import annotations
@@ -188,15 +190,26 @@ class DiffusersDenoiser(torch.nn.Module):
         elif self.family == "sd3":
             out = self.net(hidden_states=x.to(dtype), timestep=tau, encoder_hidden_states=h,
                            pooled_projections=cond["pooled_projections"].to(dtype),
-                           joint_attention_kwargs=self.call_kwargs.get("joint_attention_kwargs"), return_dict=False)[0]
+                           joint_attention_kwargs=self._joint_kwargs(cond, dtype), return_dict=False)[0]
         else:
             guidance = cond.get("guidance")
             # FluxPipeline passes the time (timestep / 1000) rounded to the network's dtype
             out = self.net(hidden_states=x.to(dtype), timestep=tau.to(dtype) / 1000, guidance=guidance,
                            pooled_projections=cond["pooled_projections"].to(dtype), encoder_hidden_states=h,
                            txt_ids=cond["txt_ids"][0], img_ids=cond["img_ids"][0],
-                           joint_attention_kwargs=self.call_kwargs.get("joint_attention_kwargs"), return_dict=False)[0]
+                           joint_attention_kwargs=self._joint_kwargs(cond, dtype), return_dict=False)[0]
         return out.to(x.dtype)
+
+    def _joint_kwargs(self, cond: dict, dtype) -> dict | None:
+        """SD3's and Flux's ``joint_attention_kwargs``: the call's own (LoRA scale) plus, with an IP-Adapter, the
+        image embeds of these rows as their pipelines put them there (SD3: one tensor, projected with the timestep
+        by ``image_proj``; Flux: one tensor per adapter, projected by ``encoder_hid_proj``)."""
+        kwargs = self.call_kwargs.get("joint_attention_kwargs")
+        if "image_embeds" not in cond:
+            return kwargs
+        e = cond["image_embeds"]
+        e = e.to(dtype) if isinstance(e, torch.Tensor) else [t.to(dtype) for t in e]
+        return {**(kwargs or {}), "ip_adapter_image_embeds": e}
 
     def sites(self) -> dict:
         """The network's attention sites for steer's hooks (from ``steer.integrations.diffusers_attention``)."""
@@ -358,62 +371,154 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
            num_images_per_prompt: int = 1, negative: bool = True, height: int | None = None, width: int | None = None,
            embedded_guidance: float | None = 3.5, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
            max_sequence_length: int | None = None, device=None, ip_adapter_image_embeds=None,
-           lora_scale: float | None = None) -> Encoded:
+           lora_scale: float | None = None, negative_ip_adapter_image_embeds=None) -> Encoded:
     """Encode prompts with the pipeline's own ``encode_prompt`` into steer conditionings (see the module docstring).
 
     ``negative=False`` skips the negative branch (guidance without an unconditional branch). Flux encodes a
     negative only when ``negative_prompt``/``negative_prompt_embeds`` is given, as its pipeline does for true CFG.
     ``lora_scale`` scales the text encoders' LoRA layers as the pipeline's ``__call__`` does with the ``"scale"`` of
-    its ``cross_attention_kwargs``/``joint_attention_kwargs``. ``ip_adapter_image_embeds`` (UNet pipelines with an
-    IP-Adapter loaded): a list with one tensor per adapter, ``[batch, images, dim]`` as the pipeline's argument of
-    that name; with ``negative`` the negative embeds come first along the batch (``torch.cat([negative,
-    positive])``), as the pipeline takes them under CFG. A batch of 1 is repeated over the prompts. They go to
-    ``cond``/``uncond`` as ``image_embeds`` (the UNet's ``added_cond_kwargs``).
+    its ``cross_attention_kwargs``/``joint_attention_kwargs``.
+
+    IP-Adapter image embeddings (an adapter loaded with ``pipe.load_ip_adapter``), in the format of the pipeline's
+    argument of that name; they go to ``cond``/``uncond`` as ``image_embeds``. A batch of 1 is repeated over the
+    prompts (as the pipelines repeat it); a batch equal to the number of images gives each its own.
+
+    - SD1.5/SD2/SDXL: ``ip_adapter_image_embeds`` a list with one tensor per adapter, ``[batch, images, dim]``
+      (or 4-D); with ``negative`` the negative embeds come first along the batch (``torch.cat([negative,
+      positive])``), as the pipeline takes them under CFG. They reach the UNet in ``added_cond_kwargs``.
+    - SD3 (SD3.5 IP-Adapter): one tensor ``[batch, tokens, dim]`` (the image encoder's penultimate hidden states),
+      the negative first along the batch with ``negative``, as ``StableDiffusion3Pipeline`` takes it. It reaches the
+      transformer in ``joint_attention_kwargs``, projected there with the timestep (``image_proj``).
+    - Flux (XLabs IP-Adapter): ``ip_adapter_image_embeds`` and ``negative_ip_adapter_image_embeds`` separately, each
+      a list with one ``[batch, images, dim]`` tensor per adapter (or one tensor), as ``FluxPipeline`` takes them.
+      The negative ones serve the negative prompt's branch (true CFG); when they are not given, the pipeline's image
+      encoder encodes a black image as ``FluxPipeline`` does (without an image encoder: an error).
     """
     enc = _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                           negative, height, width, embedded_guidance, pooled_prompt_embeds,
                           negative_pooled_prompt_embeds, max_sequence_length, device, lora_scale)
-    if ip_adapter_image_embeds is not None:
-        batch = enc.cond["encoder_hidden_states"].shape[0]
-        pos, neg = _image_embeds(pipe, ip_adapter_image_embeds, batch, negative,
-                                 enc.cond["encoder_hidden_states"].device)
+    family = _family(pipe)
+    if negative_ip_adapter_image_embeds is not None and family != "flux":
+        raise ValueError(f"negative_ip_adapter_image_embeds= is FluxPipeline's argument; a {family} pipeline takes the "
+                         "negative image embeds in ip_adapter_image_embeds (torch.cat([negative, positive]))")
+    if negative_ip_adapter_image_embeds is not None and ip_adapter_image_embeds is None:
+        raise ValueError("negative_ip_adapter_image_embeds= needs ip_adapter_image_embeds= (the positive ones)")
+    if ip_adapter_image_embeds is None:
+        if family == "flux" and type(getattr(pipe.transformer, "encoder_hid_proj", None)).__name__ == \
+                "MultiIPAdapterImageProjection":  # its processors fail on a call without image tokens
+            raise ValueError("this Flux pipeline has an IP-Adapter loaded (pipe.load_ip_adapter) and its attention "
+                             "processors need image embeds on every call: pass ip_adapter_image_embeds= (FluxPipeline "
+                             "needs them too), or call pipe.unload_ip_adapter()")
+        return enc
+    cond_device = enc.cond["encoder_hidden_states"].device
+    batch = enc.cond["encoder_hidden_states"].shape[0]
+    if family == "flux":
+        proj = _ip_projection(pipe, family)
+        pos = _flux_image_embeds(ip_adapter_image_embeds, proj, batch, cond_device, "ip_adapter_image_embeds")
         enc.cond["image_embeds"] = pos
         if enc.uncond is not None:
-            enc.uncond["image_embeds"] = neg
+            if negative_ip_adapter_image_embeds is None:
+                negative_ip_adapter_image_embeds = _black_image_embeds(pipe, proj, height, width, cond_device)
+            enc.uncond["image_embeds"] = _flux_image_embeds(negative_ip_adapter_image_embeds, proj, batch,
+                                                            cond_device, "negative_ip_adapter_image_embeds")
+        return enc
+    pos, neg = _image_embeds(pipe, ip_adapter_image_embeds, batch, negative, cond_device)
+    enc.cond["image_embeds"] = pos
+    if enc.uncond is not None:
+        enc.uncond["image_embeds"] = neg
     return enc
 
 
-def _image_embeds(pipe, embeds, batch: int, negative: bool, device) -> tuple[list, list | None]:
-    """IP-Adapter image embeddings as the pipeline's ``prepare_ip_adapter_image_embeds`` takes precomputed ones:
-    ``(positive, negative)`` lists with ``batch`` rows each."""
-    family = _family(pipe)
-    if family not in ("sd", "sdxl"):
-        raise ValueError(f"ip_adapter_image_embeds= is supported on UNet pipelines (SD1.5, SD2, SDXL), not on {family}")
-    proj = getattr(pipe.unet, "encoder_hid_proj", None)
-    if type(proj).__name__ != "MultiIPAdapterImageProjection":
-        raise ValueError("ip_adapter_image_embeds= needs an IP-Adapter loaded into the UNet (pipe.load_ip_adapter)")
-    n_adapters = len(proj.image_projection_layers)
-    if not isinstance(embeds, (list, tuple)) or not all(isinstance(e, torch.Tensor) and e.ndim in (3, 4)
-                                                         for e in embeds):
-        raise ValueError("ip_adapter_image_embeds must be a list of 3-D or 4-D tensors (one per IP-Adapter), as the "
-                         "pipeline's argument of that name")
-    if len(embeds) != n_adapters:
-        raise ValueError(f"ip_adapter_image_embeds has {len(embeds)} tensors for {n_adapters} loaded IP-Adapter(s)")
+def _ip_projection(pipe, family: str):
+    """The loaded IP-Adapter's image projection (a clear error when none is loaded)."""
+    net = _network(pipe)
+    proj = {"sd": getattr(net, "encoder_hid_proj", None), "sdxl": getattr(net, "encoder_hid_proj", None),
+            "sd3": getattr(net, "image_proj", None), "flux": getattr(net, "encoder_hid_proj", None)}[family]
+    expected = "IPAdapterTimeImageProjection" if family == "sd3" else "MultiIPAdapterImageProjection"
+    if type(proj).__name__ != expected:
+        where = "UNet" if family in ("sd", "sdxl") else "transformer"
+        raise ValueError(f"ip_adapter_image_embeds= needs an IP-Adapter loaded into the {where} "
+                         "(pipe.load_ip_adapter)")
+    return proj
 
-    def rows(e):
-        if e.shape[0] not in (1, batch):
-            raise ValueError(f"ip_adapter_image_embeds: each part has batch {e.shape[0]}; allowed: 1 (repeated over "
-                             f"the prompts) or {batch}")
-        return e.to(device).expand(batch, *e.shape[1:]) if e.shape[0] == 1 else e.to(device)
+
+def _rows(e: torch.Tensor, batch: int, device, what: str) -> torch.Tensor:
+    if e.shape[0] not in (1, batch):
+        raise ValueError(f"{what}: each part has batch {e.shape[0]}; allowed: 1 (repeated over the prompts) or "
+                         f"{batch}")
+    return e.to(device).expand(batch, *e.shape[1:]) if e.shape[0] == 1 else e.to(device)
+
+
+def _image_embeds(pipe, embeds, batch: int, negative: bool, device) -> tuple[list, list | None]:
+    """IP-Adapter image embeddings of SD/SDXL/SD3 as the pipeline's ``prepare_ip_adapter_image_embeds`` takes
+    precomputed ones: ``(positive, negative)`` with ``batch`` rows each (lists of tensors; SD3: one tensor)."""
+    family = _family(pipe)
+    proj = _ip_projection(pipe, family)
+    what = "ip_adapter_image_embeds"
+    if family == "sd3":
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+            got = f"a {type(embeds).__name__}" if not isinstance(embeds, torch.Tensor) else f"{embeds.ndim}-D"
+            raise ValueError(f"on SD3 {what} is one 3-D tensor [batch, tokens, dim] (the image encoder's hidden "
+                             f"states; the negative first along the batch under guidance), as "
+                             f"StableDiffusion3Pipeline takes it; got {got}")
+        dim = proj.proj_in.in_features
+        if embeds.shape[-1] != dim:
+            raise ValueError(f"{what} has width {embeds.shape[-1]}; the loaded IP-Adapter takes {dim}")
+        parts = [embeds]
+    else:
+        n_adapters = len(proj.image_projection_layers)
+        if not isinstance(embeds, (list, tuple)) or not all(isinstance(e, torch.Tensor) and e.ndim in (3, 4)
+                                                             for e in embeds):
+            raise ValueError(f"{what} must be a list of 3-D or 4-D tensors (one per IP-Adapter), as the "
+                             "pipeline's argument of that name")
+        if len(embeds) != n_adapters:
+            raise ValueError(f"{what} has {len(embeds)} tensors for {n_adapters} loaded IP-Adapter(s)")
+        parts = list(embeds)
+
+    def done(es):
+        return es[0] if family == "sd3" else es
 
     if not negative:
-        return [rows(e) for e in embeds], None
-    if any(e.shape[0] % 2 for e in embeds):
-        raise ValueError("with guidance, each ip_adapter_image_embeds tensor holds the negative embeds then the "
-                         "positive ones along the batch (torch.cat([negative, positive]), as the pipeline takes them "
-                         "under CFG): its batch must be even")
-    halves = [e.chunk(2) for e in embeds]
-    return [rows(p) for _, p in halves], [rows(n) for n, _ in halves]
+        return done([_rows(e, batch, device, what) for e in parts]), None
+    if any(e.shape[0] % 2 for e in parts):
+        raise ValueError(f"with guidance, {what} holds the negative embeds then the positive ones along the batch "
+                         "(torch.cat([negative, positive]), as the pipeline takes them under CFG): its batch must be "
+                         "even")
+    halves = [e.chunk(2) for e in parts]
+    return (done([_rows(p, batch, device, what) for _, p in halves]),
+            done([_rows(n, batch, device, what) for n, _ in halves]))
+
+
+def _flux_image_embeds(embeds, proj, batch: int, device, what: str) -> list:
+    """Flux's IP-Adapter embeds as ``FluxPipeline`` takes them: one ``[batch, images, dim]`` tensor per adapter
+    (a bare tensor is one adapter's), ``batch`` rows each."""
+    if isinstance(embeds, torch.Tensor):
+        embeds = [embeds]
+    if not isinstance(embeds, (list, tuple)) or not all(isinstance(e, torch.Tensor) and e.ndim == 3 for e in embeds):
+        raise ValueError(f"on Flux {what} is a list of 3-D tensors [batch, images, dim] (one per IP-Adapter), as "
+                         "FluxPipeline takes it")
+    layers = proj.image_projection_layers
+    if len(embeds) != len(layers):
+        raise ValueError(f"{what} has {len(embeds)} tensors for {len(layers)} loaded IP-Adapter(s)")
+    for e, layer in zip(embeds, layers):
+        dim = getattr(getattr(layer, "image_embeds", None), "in_features", e.shape[-1])
+        if e.shape[-1] != dim:
+            raise ValueError(f"{what} has width {e.shape[-1]}; the loaded IP-Adapter takes {dim}")
+    return [_rows(e, batch, device, what) for e in embeds]
+
+
+def _black_image_embeds(pipe, proj, height, width, device) -> list:
+    """FluxPipeline's negative image embeds when none are given: its image encoder's embeds of a black image, one
+    per adapter."""
+    if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "feature_extractor", None) is None:
+        raise ValueError("the negative prompt's branch (true CFG) needs negative_ip_adapter_image_embeds=: "
+                         "FluxPipeline encodes a black image with its image encoder when they are not given, and "
+                         "this pipeline has none loaded")
+    family = _family(pipe)
+    height, width = _size(pipe, family, height, width)
+    black = [np.zeros((width, height, 3), dtype=np.uint8)] * len(proj.image_projection_layers)
+    with torch.no_grad():
+        return pipe.prepare_ip_adapter_image_embeds(black, None, device, 1)
 
 
 def _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
@@ -523,7 +628,7 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
            pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, timesteps=None,
            max_sequence_length: int | None = None, ip_adapter_image_embeds=None,
            cross_attention_kwargs: dict | None = None, joint_attention_kwargs: dict | None = None,
-           return_info: bool = False):
+           negative_ip_adapter_image_embeds=None, return_info: bool = False):
     """Generate images with a diffusers pipeline's networks and any steer guidance and solver.
 
     Arguments as the pipeline's ``__call__``: ``prompt``/``negative_prompt`` (or their embeddings; SDXL, SD3 and
@@ -533,10 +638,12 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     (a CPU generator), ``output_type`` ("pil", "np", "pt" or "latent"), ``num_images_per_prompt``;
     ``cross_attention_kwargs`` (SD, SDXL) / ``joint_attention_kwargs`` (SD3, Flux) go to every network call, their
     ``"scale"`` also to the text encoders (the LoRA scale of ``pipe.load_lora_weights``; ``pipe.set_adapters`` and
-    ``pipe.fuse_lora`` act on the networks themselves and need nothing here); ``ip_adapter_image_embeds`` (SD, SDXL
-    with ``pipe.load_ip_adapter``): one tensor per adapter, the negative embeds first along the batch whenever
-    ``guidance`` is not None (steer then encodes a negative prompt), as the pipeline takes them under CFG (see
-    ``encode``). Hooks wrap the installed attention processors (LoRA, IP-Adapter), they do not replace them.
+    ``pipe.fuse_lora`` act on the networks themselves and need nothing here); ``ip_adapter_image_embeds`` (an
+    IP-Adapter loaded with ``pipe.load_ip_adapter``) in the pipeline's format: SD, SDXL a list with one tensor per
+    adapter, SD3 one tensor, the negative embeds first along the batch whenever ``guidance`` is not None (steer then
+    encodes a negative prompt), as those pipelines take them under CFG; Flux a list with one tensor per adapter and
+    ``negative_ip_adapter_image_embeds`` for the negative prompt's branch (true CFG), as ``FluxPipeline`` takes them
+    (see ``encode``). Hooks wrap the installed attention processors (LoRA, IP-Adapter), they do not replace them.
 
     steer's own: ``guidance`` is a steer spec string or object (``"apg(scale=10, eta=0) + pag(3)"``), ``None``
     for the conditional model alone, or ``"default"`` for the pipeline's default CFG (``DEFAULT_GUIDANCE``);
@@ -568,7 +675,8 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
                  negative=guide is not None, height=height, width=width, embedded_guidance=embedded_guidance,
                  pooled_prompt_embeds=pooled_prompt_embeds,
                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, max_sequence_length=max_sequence_length,
-                 device=device, ip_adapter_image_embeds=ip_adapter_image_embeds, lora_scale=lora_scale)
+                 device=device, ip_adapter_image_embeds=ip_adapter_image_embeds, lora_scale=lora_scale,
+                 negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
     steps = _default_steps(pipe) if steps is None else steps
     scheduler, grid = pipeline_grid(pipe, steps, height, width, model.path)
     if timesteps is not None:

@@ -12,7 +12,11 @@ grid): ``print(layers(pipe.unet))``.
 How a site reaches the attention without replacing the processor: the ``Attention`` module's ``forward`` is wrapped;
 while hooks are set, whatever processor is installed (LoRA, IP-Adapter, custom) runs under a ``TorchFunctionMode`` that
 intercepts its (first) ``scaled_dot_product_attention`` call, computes it for the whole batch as usual and replaces the
-perturbed rows only. Rows outside every perturbation are bit-identical to a run without hooks. Processors that never
+perturbed rows only. Rows outside every perturbation are bit-identical to a run without hooks. The IP-Adapter
+processors of UNets, SD3 (``SD3IPAdapterJointAttnProcessor2_0``) and Flux (``FluxIPAdapterAttnProcessor``) make
+that first call for the text (UNet) or joint (SD3, Flux) attention; their second, the adapter's own attention of the
+image queries over the image prompt's tokens (SD3: over [image, image-prompt] tokens), is left as it is on every
+row, so perturbed rows keep their image prompt. Processors that never
 call ``torch.nn.functional.scaled_dot_product_attention`` (attention slicing, xformers, flash backends of
 ``dispatch_attention_fn``) raise a clear error when a perturbation targets them; layers that no perturbation targets
 are untouched.
