@@ -501,7 +501,9 @@ def _sd3_qkv(attn, h, e):
 def test_sd3_nag_and_sag_at_the_joint_attention():
     """NAG in joint attention: the positive row's image queries against [its image keys/values, the negative row's
     text keys/values], L2 blend with α = 0.25 (the official Flux processor's choice), image tokens only; SAG's
-    recorded maps are the image×image block of the joint softmax, and recording leaves the output as it was."""
+    recorded maps are the image×image block of the joint softmax with each row renormalised to 1 (attention among
+    the image tokens, so that SAG's "received > 1" threshold keeps its meaning), and recording leaves the output as
+    it was."""
     net = tiny_sd3()
     attn = net.transformer_blocks[1].attn
     attention_sites(net)
@@ -526,6 +528,7 @@ def test_sd3_nag_and_sag_at_the_joint_attention():
         rho = zt.norm(dim=-1, keepdim=True) / zp.norm(dim=-1, keepdim=True)
         expect = attn.to_out[0](0.25 * zt * torch.clamp(rho, max=tau) / rho + 0.75 * zp)
         maps = torch.softmax(q[1:] @ k[1:].transpose(-1, -2) / math.sqrt(8), -1)[..., :16, :16]
+        maps = maps / maps.sum(-1, keepdim=True)
     assert torch.allclose(img1[0], expect[0], atol=1e-5) and (img1[0] - img0[0]).abs().max() > 1e-3
     assert torch.equal(txt1, txt0) and torch.equal(img1[1], img0[1])  # text outputs and the negative row: as before
     assert torch.allclose(rec.maps, maps, atol=1e-6) and rec.maps.shape == (1, 2, 16, 16)

@@ -305,7 +305,10 @@ def _perturb_rows(site, layout, q, k, v, call, clean):
         rows = slice(start, stop)
         rcall = dict(call, attn_mask=_rows_mask(call.get("attn_mask"), rows, batch))
         if isinstance(p, hooks.RecordAttention):  # SAG: keep the maps (image queries × image keys), output unchanged
-            p.maps = _probs(q[rows], k[rows], rcall)[..., img, img]
+            block = _probs(q[rows], k[rows], rcall)[..., img, img]
+            # each image query's attention among the image tokens, its row summing to 1 as in a self-attention map,
+            # so that SAG's "received > 1" still means above the mean (the text's share would empty the mask)
+            p.maps = block / block.sum(-1, keepdim=True)
             continue
         if out is None:
             out = clean.clone()
