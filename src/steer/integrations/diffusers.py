@@ -401,9 +401,6 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     its image encoder, under CFG (``negative``) with the negative embeds it makes (SD/SDXL: the encoder's embeds of
     a zero image, or zeros; SD3: zeros; Flux: a black image's, or ``negative_ip_adapter_image``'s).
     """
-    enc = _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
-                          negative, height, width, embedded_guidance, pooled_prompt_embeds,
-                          negative_pooled_prompt_embeds, max_sequence_length, device, lora_scale)
     family = _family(pipe)
     for image, embeds, name in ((ip_adapter_image, ip_adapter_image_embeds, "ip_adapter_image"),
                                 (negative_ip_adapter_image, negative_ip_adapter_image_embeds,
@@ -413,6 +410,9 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     if negative_ip_adapter_image is not None and family != "flux":
         raise ValueError(f"negative_ip_adapter_image= is FluxPipeline's argument; a {family} pipeline makes the "
                          "negative image embeds itself under CFG")
+    enc = _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                          negative, height, width, embedded_guidance, pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds, max_sequence_length, device, lora_scale)
     if ip_adapter_image is not None or negative_ip_adapter_image is not None:
         cond_device = enc.cond["encoder_hidden_states"].device
         if ip_adapter_image is not None:
