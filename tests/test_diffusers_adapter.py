@@ -549,6 +549,68 @@ def test_ip_adapter_embeds_errors(ip_pipe, base_sd):
         sd.sample(base_sd, PROMPT, guidance="cfg(3)", ip_adapter_image_embeds=[_image_embeds(2)], **call)
 
 
+def _clip_image_encoder(projection_dim, hidden_size=16, seed=5):
+    """A tiny random CLIP image encoder (2 patches of 16 on a 32-pixel crop) and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16, projection_dim=projection_dim)
+    return (CLIPVisionModelWithProjection(cfg).eval(),
+            CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+
+
+def _image(seed):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def ip_image_pipe(ip_pipe):
+    """ip_pipe (sharing its UNet and IP-Adapter) with a tiny CLIP image encoder as its image_encoder."""
+    encoder, processor = _clip_image_encoder(IMAGE_DIM)
+    return diffusers.StableDiffusionPipeline.from_pipe(ip_pipe, image_encoder=encoder, feature_extractor=processor)
+
+
+def test_ip_adapter_image_reproduces_the_pipeline(ip_image_pipe):
+    """ip_adapter_image= (a PIL image): steer's cfg equals the pipeline's call with the same image (its image
+    encoder's embeds, zeros as the negative ones), and steer's own call with the embeds that the pipeline's
+    prepare_ip_adapter_image_embeds makes of it; without guidance the positive embeds alone (guidance_scale 1)."""
+    pipe, img = ip_image_pipe, _image(1)
+    ref, out = _both(pipe, f"cfg({SCALE})", ip_adapter_image=img)
+    assert _maxdiff(out, ref) < TOL  # measured 6.7e-6
+    embeds = pipe.prepare_ip_adapter_image_embeds(img, None, "cpu", 1, True)
+    via = sd.sample(pipe, PROMPT, negative_prompt=NEGATIVE, guidance=f"cfg({SCALE})", solver="ddim", steps=STEPS,
+                    latents=_latents(pipe, seed=6), output_type="latent", ip_adapter_image_embeds=embeds, **SIZE)
+    assert _maxdiff(out, via) < 1e-6  # measured 0 (the same embeds)
+    other, _ = _both(pipe, f"cfg({SCALE})", ip_adapter_image=_image(2))
+    assert _maxdiff(other, ref) > 0.5  # the image acts (measured 3.0)
+    lat = _latents(pipe, seed=9, batch=2)
+    ref1 = pipe([PROMPT, "a green dog"], guidance_scale=1.0, num_inference_steps=3, latents=lat, output_type="latent",
+                ip_adapter_image=img, **SIZE).images
+    out1 = sd.sample(pipe, [PROMPT, "a green dog"], guidance=None, solver="ddim", steps=3, latents=lat,
+                     output_type="latent", ip_adapter_image=img, **SIZE)
+    assert _maxdiff(out1, ref1) < TOL  # 9.5e-7
+
+
+def test_ip_adapter_image_errors(ip_pipe, ip_image_pipe, base_sd):
+    call = {"steps": 1, "output_type": "latent", **SIZE}
+    with pytest.raises(ValueError, match="pass ip_adapter_image= or ip_adapter_image_embeds=, not both"):
+        sd.sample(ip_image_pipe, PROMPT, guidance="cfg(3)", ip_adapter_image=_image(1),
+                  ip_adapter_image_embeds=[_image_embeds(2)], **call)
+    with pytest.raises(ValueError, match=r"needs the IP-Adapter's image encoder.*pipe.load_ip_adapter\(\.\.\., "
+                                         r"image_encoder_folder=\.\.\.\)"):
+        sd.sample(ip_pipe, PROMPT, guidance="cfg(3)", ip_adapter_image=_image(1), **call)
+    with pytest.raises(ValueError, match="negative_ip_adapter_image= is FluxPipeline's argument"):
+        sd.sample(ip_image_pipe, PROMPT, guidance="cfg(3)", ip_adapter_image=_image(1),
+                  negative_ip_adapter_image=_image(2), **call)
+    with pytest.raises(ValueError, match="ip_adapter_image= needs an IP-Adapter loaded into the UNet"):
+        sd.sample(base_sd, PROMPT, guidance="cfg(3)", ip_adapter_image=_image(1), **call)
+    with pytest.raises(ValueError, match="must have same length as the number of IP Adapters"):  # the pipeline's
+        sd.sample(ip_image_pipe, PROMPT, guidance="cfg(3)", ip_adapter_image=[_image(1), _image(2)], **call)
+
+
 def test_attention_slicing_runs_cfg_and_names_itself_under_perturbations(folders, base_sd):
     """pipe.enable_attention_slicing() installs SlicedAttnProcessor, which never calls scaled_dot_product_attention:
     guidance without hooks runs through it (equal to the sliced pipeline and to the unsliced result); a perturbation

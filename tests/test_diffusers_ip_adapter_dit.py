@@ -8,7 +8,9 @@ the pipeline's own ``load_ip_adapter``. Flux gets a tiny CLIP image encoder too 
 for the negative branch when no negative embeds are given).
 
 Checked: steer's ``cfg`` with the matched solver equals the pipeline's output for the same latents and embeds (SD3
-CFG; Flux true CFG, with and without negative embeds, and the guidance-distilled path without CFG); the image prompt
+CFG; Flux true CFG, with and without negative embeds, and the guidance-distilled path without CFG); the same with
+raw images (``ip_adapter_image=``, ``negative_ip_adapter_image=``; SD3 with a tiny CLIP image encoder attached),
+equal to steer's call with the embeds the pipeline's ``prepare_ip_adapter_image_embeds`` makes; the image prompt
 moves the output; PAG's masked identity on SD3's and Flux's joint attention keeps the IP-Adapter processor (same
 objects) and its image term on the perturbed rows, equal to the processor written out by hand (diffusers has no PAG
 pipeline with an SD3 or Flux IP-Adapter to compare with); clear errors for wrong formats.
@@ -229,6 +231,78 @@ def test_flux_ip_adapter_true_cfg_and_distilled_reproduce_the_pipeline(flux):
     assert all(flux.transformer.attn_processors[n] is p for n, p in procs.items())
 
 
+def _image(seed):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+
+
+def test_flux_ip_adapter_image_reproduces_the_pipeline(flux):
+    """ip_adapter_image= / negative_ip_adapter_image= (PIL images) through the image encoder load_ip_adapter loaded:
+    steer's true CFG equals FluxPipeline's with the negative image given and omitted (then both encode a black
+    image), and equals steer's own call with the embeds FluxPipeline.prepare_ip_adapter_image_embeds makes of the
+    same images; without CFG (the distilled guidance only) the positive image alone."""
+    lat = _latents(flux, seed=2)
+    img, neg_img = _image(1), _image(2)
+    kw = {"num_inference_steps": 3, "latents": lat, "output_type": "latent", **KW}
+    skw = {"steps": 3, "latents": lat, "output_type": "latent", "embedded_guidance": 3.5, **KW}
+    cfg = {"negative_prompt": NEGATIVE, "true_cfg_scale": 3.0, "guidance_scale": 3.5}
+    ref = flux(PROMPT, ip_adapter_image=img, negative_ip_adapter_image=neg_img, **cfg, **kw).images
+    out = sd.sample(flux, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(3.0)", ip_adapter_image=img,
+                    negative_ip_adapter_image=neg_img, **skw)
+    assert _maxdiff(out, ref) < TOL  # measured 1.2e-6
+    prep = lambda im: flux.prepare_ip_adapter_image_embeds(im, None, "cpu", 1)  # noqa: E731
+    via = sd.sample(flux, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(3.0)", ip_adapter_image_embeds=prep(img),
+                    negative_ip_adapter_image_embeds=prep(neg_img), **skw)
+    assert _maxdiff(out, via) < 1e-6  # 0
+    black = flux(PROMPT, ip_adapter_image=img, **cfg, **kw).images
+    out_black = sd.sample(flux, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(3.0)", ip_adapter_image=img, **skw)
+    assert _maxdiff(out_black, black) < TOL  # 2.1e-6
+    assert _maxdiff(black, ref) > 0.01  # the negative image acts on the negative branch (2.1)
+    distilled = flux(PROMPT, guidance_scale=3.5, ip_adapter_image=img, **kw).images
+    out_distilled = sd.sample(flux, PROMPT, guidance=None, ip_adapter_image=img, **skw)
+    assert _maxdiff(out_distilled, distilled) < TOL  # 2.7e-7
+    other = sd.sample(flux, PROMPT, guidance=None, ip_adapter_image=neg_img, **skw)
+    assert _maxdiff(other, distilled) > 0.05  # the image acts (0.42)
+
+
+@pytest.fixture(scope="module")
+def sd3_image(sd3):
+    """sd3 (sharing its transformer and IP-Adapter) with a tiny CLIP image encoder whose penultimate hidden states
+    (5 tokens of 12: class token and 2×2 patches) are what the SD3.5 resampler reads."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(6)
+    cfg = CLIPVisionConfig(hidden_size=SD3_IMAGE_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=16, projection_dim=8)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusion3Pipeline.from_pipe(
+            sd3, image_encoder=CLIPVisionModelWithProjection(cfg).eval(), feature_extractor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_ip_adapter_image_reproduces_the_pipeline(sd3_image):
+    """ip_adapter_image= on SD3: the image encoder's penultimate hidden states, zeros as the negative embeds under
+    CFG (StableDiffusion3Pipeline.prepare_ip_adapter_image_embeds); steer's cfg equals the pipeline's and steer's
+    call with those embeds."""
+    pipe, img, lat = sd3_image, _image(1), _latents(sd3_image, seed=1)
+    kw = {"num_inference_steps": 3, "latents": lat, "output_type": "latent", **KW}
+    ref = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, ip_adapter_image=img, **kw).images
+    out = sd.sample(pipe, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(5.0)", solver="euler", steps=3, latents=lat,
+                    output_type="latent", ip_adapter_image=img, **KW)
+    assert _maxdiff(out, ref) < TOL  # measured 2.4e-6
+    embeds = pipe.prepare_ip_adapter_image_embeds(img, None, "cpu", 1, True)
+    assert embeds.shape == (2, SD3_IMAGE_TOKENS, SD3_IMAGE_DIM) and not embeds[0].any()
+    via = sd.sample(pipe, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(5.0)", solver="euler", steps=3, latents=lat,
+                    output_type="latent", ip_adapter_image_embeds=embeds, **KW)
+    assert _maxdiff(out, via) < 1e-6  # 0
+    other = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, ip_adapter_image=_image(2), **kw).images
+    assert _maxdiff(other, ref) > 1e-3  # the image acts (0.038)
+
+
 # ---------------------------------------------------------------------------------------------------
 # PAG on SD3's and Flux's joint attention wraps the IP-Adapter processor
 
@@ -410,10 +484,20 @@ def test_ip_adapter_embeds_errors_on_sd3_and_flux(sd3, flux, monkeypatch):
         sd.sample(flux, PROMPT, guidance=None, **call)  # (FluxPipeline: TypeError 'NoneType' object is not iterable)
     with pytest.raises(ValueError, match="needs ip_adapter_image_embeds="):
         sd.sample(flux, PROMPT, guidance=None, negative_ip_adapter_image_embeds=_flux_embeds(), **call)
+    with pytest.raises(ValueError, match="pass negative_ip_adapter_image= or negative_ip_adapter_image_embeds=, not"):
+        sd.sample(flux, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(3)", ip_adapter_image=_image(1),
+                  negative_ip_adapter_image=_image(2), negative_ip_adapter_image_embeds=_flux_embeds(), **call)
+    with pytest.raises(ValueError, match="negative_ip_adapter_image= needs ip_adapter_image_embeds= or "
+                                         "ip_adapter_image="):
+        sd.sample(flux, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(3)", negative_ip_adapter_image=_image(2),
+                  **call)
     monkeypatch.setattr(flux, "image_encoder", None)
     with pytest.raises(ValueError, match="needs negative_ip_adapter_image_embeds=.*black image"):
         sd.sample(flux, PROMPT, negative_prompt=NEGATIVE, guidance="cfg(3)", ip_adapter_image_embeds=_flux_embeds(),
                   **call)
+    with pytest.raises(ValueError, match=r"ip_adapter_image= needs the IP-Adapter's image encoder.*"
+                                         r"pipe.load_ip_adapter\(\.\.\., image_encoder_folder=\.\.\.\)"):
+        sd.sample(flux, PROMPT, guidance=None, ip_adapter_image=_image(1), **call)
     monkeypatch.setattr(sd3.transformer, "image_proj", None)  # as a pipeline without load_ip_adapter
     with pytest.raises(ValueError, match="needs an IP-Adapter loaded into the transformer"):
         sd.sample(sd3, PROMPT, guidance="cfg(3)", ip_adapter_image_embeds=_sd3_embeds(2), **call)

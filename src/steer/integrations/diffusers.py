@@ -37,7 +37,8 @@ What users load into a pipeline is used as the pipeline uses it: LoRA (``pipe.lo
 ``cross_attention_kwargs={"scale": s}`` / ``joint_attention_kwargs``, or ``pipe.set_adapters``), IP-Adapter
 (``pipe.load_ip_adapter``; ``ip_adapter_image_embeds`` as the pipeline takes them: on UNet pipelines into
 ``added_cond_kwargs["image_embeds"]``, on SD3 and Flux into ``joint_attention_kwargs["ip_adapter_image_embeds"]``,
-Flux with ``negative_ip_adapter_image_embeds`` for true CFG); the hooks wrap those processors and layers
+Flux with ``negative_ip_adapter_image_embeds`` for true CFG; or the raw ``ip_adapter_image``, encoded by the
+pipeline's own ``prepare_ip_adapter_image_embeds``); the hooks wrap those processors and layers
 (tests/test_diffusers_adapter.py, tests/test_diffusers_ip_adapter_dit.py).
 """
 
@@ -371,7 +372,8 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
            num_images_per_prompt: int = 1, negative: bool = True, height: int | None = None, width: int | None = None,
            embedded_guidance: float | None = 3.5, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
            max_sequence_length: int | None = None, device=None, ip_adapter_image_embeds=None,
-           lora_scale: float | None = None, negative_ip_adapter_image_embeds=None) -> Encoded:
+           lora_scale: float | None = None, negative_ip_adapter_image_embeds=None, ip_adapter_image=None,
+           negative_ip_adapter_image=None) -> Encoded:
     """Encode prompts with the pipeline's own ``encode_prompt`` into steer conditionings (see the module docstring).
 
     ``negative=False`` skips the negative branch (guidance without an unconditional branch). Flux encodes a
@@ -393,16 +395,38 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
       a list with one ``[batch, images, dim]`` tensor per adapter (or one tensor), as ``FluxPipeline`` takes them.
       The negative ones serve the negative prompt's branch (true CFG); when they are not given, the pipeline's image
       encoder encodes a black image as ``FluxPipeline`` does (without an image encoder: an error).
+
+    ``ip_adapter_image`` (and on Flux ``negative_ip_adapter_image``), the raw image(s) as the pipelines take them
+    (one per adapter), instead of the embeds: encoded by the pipeline's own ``prepare_ip_adapter_image_embeds`` with
+    its image encoder, under CFG (``negative``) with the negative embeds it makes (SD/SDXL: the encoder's embeds of
+    a zero image, or zeros; SD3: zeros; Flux: a black image's, or ``negative_ip_adapter_image``'s).
     """
+    family = _family(pipe)
+    for image, embeds, name in ((ip_adapter_image, ip_adapter_image_embeds, "ip_adapter_image"),
+                                (negative_ip_adapter_image, negative_ip_adapter_image_embeds,
+                                 "negative_ip_adapter_image")):
+        if image is not None and embeds is not None:
+            raise ValueError(f"pass {name}= or {name}_embeds=, not both (as the pipelines' check_inputs)")
+    if negative_ip_adapter_image is not None and family != "flux":
+        raise ValueError(f"negative_ip_adapter_image= is FluxPipeline's argument; a {family} pipeline makes the "
+                         "negative image embeds itself under CFG")
     enc = _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                           negative, height, width, embedded_guidance, pooled_prompt_embeds,
                           negative_pooled_prompt_embeds, max_sequence_length, device, lora_scale)
-    family = _family(pipe)
+    if ip_adapter_image is not None or negative_ip_adapter_image is not None:
+        cond_device = enc.cond["encoder_hidden_states"].device
+        if ip_adapter_image is not None:
+            ip_adapter_image_embeds = _encode_image(pipe, family, ip_adapter_image, negative, cond_device,
+                                                    "ip_adapter_image")
+        if negative_ip_adapter_image is not None:
+            negative_ip_adapter_image_embeds = _encode_image(pipe, family, negative_ip_adapter_image, False,
+                                                             cond_device, "negative_ip_adapter_image")
     if negative_ip_adapter_image_embeds is not None and family != "flux":
         raise ValueError(f"negative_ip_adapter_image_embeds= is FluxPipeline's argument; a {family} pipeline takes the "
                          "negative image embeds in ip_adapter_image_embeds (torch.cat([negative, positive]))")
     if negative_ip_adapter_image_embeds is not None and ip_adapter_image_embeds is None:
-        raise ValueError("negative_ip_adapter_image_embeds= needs ip_adapter_image_embeds= (the positive ones)")
+        raise ValueError("negative_ip_adapter_image_embeds= / negative_ip_adapter_image= needs "
+                         "ip_adapter_image_embeds= or ip_adapter_image= (the positive ones)")
     if ip_adapter_image_embeds is None:
         if family == "flux" and type(getattr(pipe.transformer, "encoder_hid_proj", None)).__name__ == \
                 "MultiIPAdapterImageProjection":  # its processors fail on a call without image tokens
@@ -429,7 +453,22 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     return enc
 
 
-def _ip_projection(pipe, family: str):
+def _encode_image(pipe, family: str, image, negative: bool, device, what: str):
+    """IP-Adapter embeds of raw images by the pipeline's own ``prepare_ip_adapter_image_embeds`` (one image per
+    adapter; SD/SDXL/SD3 with ``do_classifier_free_guidance=negative``: ``[negative, positive]`` along the batch),
+    in the format ``ip_adapter_image_embeds`` takes."""
+    _ip_projection(pipe, family, what)
+    if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "feature_extractor", None) is None:
+        raise ValueError(f"{what}= needs the IP-Adapter's image encoder, and this pipeline has none loaded: load it "
+                         "with pipe.load_ip_adapter(..., image_encoder_folder=...) (or set pipe.image_encoder and "
+                         "pipe.feature_extractor), or pass the precomputed ip_adapter_image_embeds=")
+    with torch.no_grad():  # (the pipelines check the number of images against the adapters)
+        if family == "flux":
+            return pipe.prepare_ip_adapter_image_embeds(image, None, device, 1)
+        return pipe.prepare_ip_adapter_image_embeds(image, None, device, 1, negative)
+
+
+def _ip_projection(pipe, family: str, what: str = "ip_adapter_image_embeds"):
     """The loaded IP-Adapter's image projection (a clear error when none is loaded)."""
     net = _network(pipe)
     proj = {"sd": getattr(net, "encoder_hid_proj", None), "sdxl": getattr(net, "encoder_hid_proj", None),
@@ -437,7 +476,7 @@ def _ip_projection(pipe, family: str):
     expected = "IPAdapterTimeImageProjection" if family == "sd3" else "MultiIPAdapterImageProjection"
     if type(proj).__name__ != expected:
         where = "UNet" if family in ("sd", "sdxl") else "transformer"
-        raise ValueError(f"ip_adapter_image_embeds= needs an IP-Adapter loaded into the {where} "
+        raise ValueError(f"{what}= needs an IP-Adapter loaded into the {where} "
                          "(pipe.load_ip_adapter)")
     return proj
 
@@ -628,7 +667,8 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
            pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, timesteps=None,
            max_sequence_length: int | None = None, ip_adapter_image_embeds=None,
            cross_attention_kwargs: dict | None = None, joint_attention_kwargs: dict | None = None,
-           negative_ip_adapter_image_embeds=None, return_info: bool = False):
+           negative_ip_adapter_image_embeds=None, return_info: bool = False, ip_adapter_image=None,
+           negative_ip_adapter_image=None):
     """Generate images with a diffusers pipeline's networks and any steer guidance and solver.
 
     Arguments as the pipeline's ``__call__``: ``prompt``/``negative_prompt`` (or their embeddings; SDXL, SD3 and
@@ -643,7 +683,10 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     adapter, SD3 one tensor, the negative embeds first along the batch whenever ``guidance`` is not None (steer then
     encodes a negative prompt), as those pipelines take them under CFG; Flux a list with one tensor per adapter and
     ``negative_ip_adapter_image_embeds`` for the negative prompt's branch (true CFG), as ``FluxPipeline`` takes them
-    (see ``encode``). Hooks wrap the installed attention processors (LoRA, IP-Adapter), they do not replace them.
+    (see ``encode``); or the raw images, ``ip_adapter_image`` (and on Flux ``negative_ip_adapter_image``), which the
+    pipeline's own ``prepare_ip_adapter_image_embeds`` encodes with its image encoder, with its negative embeds
+    whenever steer's guidance has a negative branch. Hooks wrap the installed attention processors (LoRA,
+    IP-Adapter), they do not replace them.
 
     steer's own: ``guidance`` is a steer spec string or object (``"apg(scale=10, eta=0) + pag(3)"``), ``None``
     for the conditional model alone, or ``"default"`` for the pipeline's default CFG (``DEFAULT_GUIDANCE``);
@@ -676,7 +719,8 @@ def sample(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
                  pooled_prompt_embeds=pooled_prompt_embeds,
                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, max_sequence_length=max_sequence_length,
                  device=device, ip_adapter_image_embeds=ip_adapter_image_embeds, lora_scale=lora_scale,
-                 negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
+                 negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
+                 ip_adapter_image=ip_adapter_image, negative_ip_adapter_image=negative_ip_adapter_image)
     steps = _default_steps(pipe) if steps is None else steps
     scheduler, grid = pipeline_grid(pipe, steps, height, width, model.path)
     if timesteps is not None:
