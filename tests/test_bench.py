@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
+import numpy
 import pytest
+import torch
 
 import steer
 from steer.bench import ConfigError, Store, load_sweep, run
@@ -193,6 +195,29 @@ def test_torchrun_with_two_processes_gives_the_cells_of_one(tmp_path):
     assert set(a) == set(b) and len(a) == 16
     for key in a:
         assert a[key][1] == b[key][1] and a[key][0] == pytest.approx(b[key][0], rel=1e-12, abs=1e-15)
+
+
+def test_a_rank_runs_its_own_cells_whatever_the_others_have_finished(tmp_path, monkeypatch):
+    """Rank 1 of 2 starts after rank 0 has finished cell 0: it runs exactly cells 1, 3, 5, … (taking every other
+    *remaining* cell, as before, it ran rank 0's cells 2, 4, … and skipped its own)."""
+    from steer.bench import runner
+
+    config = write(tmp_path, SWEEP.replace("[4, 8, 16]", "[4, 8]"))
+    _, cells = load_sweep(config)
+    db = tmp_path / "r.sqlite"
+    store = Store(db)
+    store.register_sweep("s", [c.key for c in cells])
+    store.put(cells[0].key, cells[0].config(), {"metrics": {}, "nfe": 0}, numpy.zeros((1, 2), dtype=numpy.float32))
+    store.close()
+    ran = []
+    monkeypatch.setattr(runner, "run_cell", lambda cell, model, device: (ran.append(cell.key) or ({"metrics": {}},
+                                                                        torch.zeros(1, 2))))
+    monkeypatch.setattr(runner.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(runner.dist, "barrier", lambda: None)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run(config, db, progress=False)
+    assert ran == [c.key for c in cells[1::2]]
 
 
 CLAIMS = """

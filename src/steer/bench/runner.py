@@ -76,7 +76,8 @@ def run(source: "str | Path", db: "str | Path", progress: bool = True) -> dict:
     """Run every cell of the sweep ``source`` (a TOML file or a preset) that ``db`` does not hold yet; returns
     the store's status.
 
-    Under ``torchrun --nproc-per-node N`` (one machine or many) rank r takes every N-th remaining cell, on GPU
+    Under ``torchrun --nproc-per-node N`` (one machine or many) rank r owns every N-th cell of the sweep, a split
+    that does not depend on what the other ranks have finished, and runs those not yet done, on GPU
     ``LOCAL_RANK`` where there is one; all ranks write to the same database (SQLite serialises the writers) and
     meet at a barrier (gloo) before the status is read."""
     sweep, cells = load_sweep(source)
@@ -94,7 +95,8 @@ def run(source: "str | Path", db: "str | Path", progress: bool = True) -> dict:
     if dist.is_initialized():
         dist.barrier()
     store = Store(db)
-    todo = [c for c in cells if c.key not in store.done()][rank::world]
+    done = store.done()
+    todo = [c for c in cells[rank::world] if c.key not in done]
     env = {"steer": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "git": _git_revision()}
     models: dict = {}
