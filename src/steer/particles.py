@@ -500,7 +500,7 @@ def fkc_increment(eps: dict[str, torch.Tensor], betas: dict[str, float], lam: fl
 class _Experts(Guidance):
     """The Tweedie x̂0 of the combined score ``Σ β_i s_i``: ``ε̂ = Σ β_i ε̂_i``, ``x̂0 = (x − σ ε̂)/α = Σ β_i x̂0_i +
     (1 − Σβ) x/α`` (``Σ β_i x̂0_i`` alone is right only when Σβ = 1); records the ε of every branch at the first
-    evaluation of each step for the FKC weights."""
+    evaluation of each step for the FKC weights (in float32 or better)."""
 
     name = "fkc_experts"
 
@@ -522,8 +522,18 @@ class _Experts(Guidance):
             x0 = x0 + ((1 - S) / ctx.point.alpha) * ctx.x
         if ctx.step != self._step:
             self._step = ctx.step
-            self.eps = {k: ctx.point.eps(ctx.x, preds[k]) for k in self.betas}
+            self.eps = {k: self._eps(preds[k], ctx) for k in self.betas}
         return x0
+
+    @staticmethod
+    def _eps(x0: torch.Tensor, ctx) -> torch.Tensor:
+        """ε̂ of a branch in float32 or better, from the model's own output where there is one: the weights use
+        differences ε̂_i − ε̂_j, which a half-precision x̂0 (rounded to its scale, not the difference's) loses at low
+        noise, and which a half-precision ε̂ loses at high noise."""
+        up = (lambda v: v) if ctx.x.dtype == torch.float64 else (lambda v: v.float())  # noqa: E731
+        x, raw = up(ctx.x), ctx.raw.get(id(x0))
+        x0 = up(x0) if raw is None else ctx.point.x0(up(raw), ctx.prediction, x)
+        return ctx.point.eps(x, x0)
 
 
 _FKC_SOLVERS = "ddpm, ddim(eta=1), euler_ancestral(eta=1), dpmpp_2m_sde(eta=1), dpmpp_3m_sde(eta=1)"
@@ -606,6 +616,10 @@ def fkc(model, cond=None, uncond=None, guidance="cfg(scale=3)", particles: int =
     it = _sampler(model, s, K, guide, s_, steps, timesteps)
     eng = SMC(s.G, K, resampler, schedule, _group_gens(s, 1), it.x.device, it.x.dtype)
     pts = it.solver_state["pts"]
+    if S != 1 and pts[0].alpha == 0:
+        raise ValueError(f"fkc with exponents summing to {S:g} (not 1) needs a grid that starts below pure noise: at "
+                         "α = 0 the combined score's x̂0 is undefined. Pass timesteps= starting at a finite σ̄, e.g. "
+                         "steer.paths.karras(model.path, steps, sigma_max=80)")
     if S != 1:  # start from q_T ∝ Π p_i,T^β_i ≈ ρ_T^S, with ρ_T = N(0, α² + σ²) the loop's start: weight ρ_T^(S−1)
         z = it.x.flatten(1).double() if it.x.dtype == torch.float64 else it.x.flatten(1).float()
         eng.add(-(S - 1) * z.square().sum(1) / (2 * (pts[0].alpha ** 2 + pts[0].sigma ** 2)))

@@ -206,19 +206,23 @@ register_model("gmm-flow", lambda: toy(dim=2).denoiser("flow", "flow"))  # named
 register_model("gmm-vp", lambda: toy(dim=2).denoiser("vp-linear", "eps"))
 
 
-def conditional_pair(cond: GaussianMixture, uncond: GaussianMixture, path: "str | Path" = "flow"):
-    """The exact x0-denoiser of two separate mixtures as one model: label 1 is ``cond``, any other label ``uncond``
+def conditional_pair(cond: GaussianMixture, uncond: GaussianMixture, path: "str | Path" = "flow",
+                     prediction: str = "x0"):
+    """The exact denoiser of two separate mixtures as one model: label 1 is ``cond``, any other label ``uncond``
     (``null_cond``: label 0), for conditional/unconditional pairs that are not one mixture and its classes, such as
-    cond N(1, 0.5²) and uncond N(0, 1) (reference notes D5: CFG's tilted target for w = 3 is N(1.2, 0.316²))."""
+    cond N(1, 0.5²) and uncond N(0, 1) (reference notes D5: CFG's tilted target for w = 3 is N(1.2, 0.316²)).
+    Computed in float64 on the CPU, returned as ``prediction`` in the input's dtype and device."""
     path = get_path(path)
+    check_kind(prediction)
 
     def fn(x, t, c):
-        a, s = path.alpha(t.double()), path.sigma(t.double())
-        x64 = x.double()
+        t64 = torch.as_tensor(t, dtype=torch.float64).cpu().expand(x.shape[0])
+        x64, c = x.double().cpu(), torch.as_tensor(c).cpu()
+        a, s = path.alpha(t64), path.sigma(t64)
         x0 = torch.where((c == 1)[:, None], cond.posterior_mean(x64, a, s), uncond.posterior_mean(x64, a, s))
-        return x0.to(x.dtype)
+        return convert(x0, "x0", prediction, x64, t64, path).to(dtype=x.dtype, device=x.device)
 
-    model = denoiser(fn, path, "x0", sample_shape=(cond.dim,))
+    model = denoiser(fn, path, prediction, sample_shape=(cond.dim,))
     model.null_cond = lambda c, batch: torch.zeros(batch, dtype=torch.long)
     return model
 
