@@ -243,7 +243,6 @@ class DPS(_NetworkGradient):
     """
 
     name = "dps"
-    grad = "first"
 
     def __init__(self, zeta: float = 1.0, operator=None, y: torch.Tensor | list | None = None, clip: bool = False):
         _, self.operator, self.y = _objective("dps", None, operator, y)
@@ -360,7 +359,6 @@ class TFG(_NetworkGradient):
     """
 
     name = "tfg"
-    grad = "first"
 
     def __init__(self, rho: float = 1.0, mu: float = 1.0, gamma: float = 0.01, recurrence: int = 1,
                  iterations: int = 1, loss=None, operator=None, y: torch.Tensor | list | None = None, n_mc: int = 4,

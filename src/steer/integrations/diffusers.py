@@ -410,6 +410,9 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
     if negative_ip_adapter_image is not None and family != "flux":
         raise ValueError(f"negative_ip_adapter_image= is FluxPipeline's argument; a {family} pipeline makes the "
                          "negative image embeds itself under CFG")
+    if negative_ip_adapter_image_embeds is not None and family != "flux":
+        raise ValueError(f"negative_ip_adapter_image_embeds= is FluxPipeline's argument; a {family} pipeline takes the "
+                         "negative image embeds in ip_adapter_image_embeds (torch.cat([negative, positive]))")
     enc = _encode_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                           negative, height, width, embedded_guidance, pooled_prompt_embeds,
                           negative_pooled_prompt_embeds, max_sequence_length, device, lora_scale)
@@ -421,9 +424,6 @@ def encode(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative
         if negative_ip_adapter_image is not None:
             negative_ip_adapter_image_embeds = _encode_image(pipe, family, negative_ip_adapter_image, False,
                                                              cond_device, "negative_ip_adapter_image")
-    if negative_ip_adapter_image_embeds is not None and family != "flux":
-        raise ValueError(f"negative_ip_adapter_image_embeds= is FluxPipeline's argument; a {family} pipeline takes the "
-                         "negative image embeds in ip_adapter_image_embeds (torch.cat([negative, positive]))")
     if negative_ip_adapter_image_embeds is not None and ip_adapter_image_embeds is None:
         raise ValueError("negative_ip_adapter_image_embeds= / negative_ip_adapter_image= needs "
                          "ip_adapter_image_embeds= or ip_adapter_image= (the positive ones)")
