@@ -10,7 +10,10 @@ combined score alone; CFG's SDE in the CFG cases). Exact values: closed form for
 (400,000 samples) for the 2-D mixture ``steer.testbeds.gmm.toy()`` (3 classes × 2 anisotropic components).
 Writes bench-out/fkc_exact.md (``--out``).
 
-    python benchmarks/fkc_exact.py [--steps 200] [--groups 32] [--particles 8 32 256 1024]
+A last table runs FKC's weights on the w = 3 mixture as plain importance sampling (no resampling, ``--importance``
+particles, three seeds), to show how heavy-tailed they are (ESS).
+
+    python benchmarks/fkc_exact.py [--steps 200] [--groups 32] [--particles 8 32 256 1024] [--importance 100000]
 """
 import argparse
 import math
@@ -51,6 +54,8 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--groups", type=int, default=32)
     ap.add_argument("--particles", type=int, nargs="+", default=[8, 32, 256, 1024])
+    ap.add_argument("--importance", type=int, default=100_000, help="particles of the plain importance-sampling "
+                    "runs (w = 3 mixture, never resampled, 3 seeds); 0 skips them")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -76,13 +81,26 @@ def main():
             m, s, e = estimate(model, cond, opts, K, n, 0.5, args.steps)
             rows.append(f"| {name} | FKC | {K} | {fmt(m)} | {mu:.4f} | {fmt(s)} | {sd:.4f} | {e:.3f} |")
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    tail = []
+    if args.importance:  # the w = 3 mixture's weights without resampling: their effective sample size
+        model, mu = cases[-1][1], cases[-1][4]
+        tail = ["", f"Plain importance sampling (FKC's weights, never resampled), w = 3 mixture, one condition of "
+                f"{args.importance:,} particles per seed, {args.steps} steps; exact mean {mu:.4f}:", "",
+                "| seed | weighted mean | weighted std | ESS |", "|---|---|---|---|"]
+        for seed in range(3):
+            res = steer.smc(model, cond=torch.zeros(1, dtype=torch.long), guidance="cfg(scale=3)", method="fkc",
+                            particles=args.importance, timesteps=karras(model.path, args.steps), seed=[seed],
+                            output="weighted", dtype=torch.float64, schedule=[])
+            w, x = res.log_weights.exp()[0], res.particles[0, :, 0]
+            m = (w * x).sum()
+            tail.append(f"| {seed} | {m:.4f} | {((w * (x - m) ** 2).sum()).sqrt():.4f} | {1 / (w * w).sum():.0f} |")
     text = "\n".join([
         f"FK correctors against exact targets: {n} conditions per row, {args.steps} Karras steps of dpmpp_2m_sde, "
         "resampling at ESS < K/2; statistic of coordinate 0 per condition (weighted), mean ± standard error over the "
         "conditions. "
         "`python benchmarks/fkc_exact.py`.", "",
         "| target | sampler | K | mean | exact mean | std | exact std | min ESS/K (median) |",
-        "|---|---|---|---|---|---|---|---|", *rows, ""])
+        "|---|---|---|---|---|---|---|---|", *rows, *tail, ""])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fkc_exact.md").write_text(text)
     print(text)
