@@ -570,6 +570,8 @@ def fkc(model, cond=None, uncond=None, guidance="cfg(scale=3)", particles: int =
     close to ρ_T. The weights are those of the continuous-time SMC, consistent as K grows; at small K the estimates
     lean towards the unweighted SDE (tempering β = 2 on the exact testbed, each condition's weighted std: 0.26 with
     K = 8, 0.31 with 32, 0.344 with 256 and 1024, exact 0.354, the SDE alone 0.29; benchmarks/fkc_exact.py).
+    The weights use ε̂ in float32 from the model's own output; an x0-predicting model in bfloat16 cannot resolve
+    ε̂_c − ε̂_u at low noise (use float32 there).
 
     The weights assume the reverse SDE with the full diffusion, so only solvers that simulate it are allowed:
     ``ddpm``, ``ddim(eta=1)``, ``euler_ancestral(eta=1)``, ``dpmpp_2m_sde(eta=1)`` (default), ``dpmpp_3m_sde(eta=1)``;
